@@ -6,3 +6,7 @@ class UsageError(Exception):
 
     The CLI prints ``error: <message>`` and exits with code 2; nothing is written.
     """
+
+
+class NumericalError(Exception):
+    """NaN/inf in activations or statistics, or a Hessian that stays singular: names the module."""

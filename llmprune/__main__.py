@@ -1,0 +1,78 @@
+"""Command line: flags -> plain keyword arguments for ``llmprune.cli.run``; nothing below sees argparse."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import NumericalError, UsageError
+
+EPILOG = """\
+N:M patterns follow the SparseGPT/Wanda papers: in every group of M consecutive weights along the
+input dimension of each row, N are set to zero (2:4 and 4:8 both remove 50%%). With --pattern N:M,
+--sparsity may be omitted (it is N/M); if given it must equal N/M, otherwise the run is refused.
+
+Data SOURCEs: a .txt, .txt.gz, .jsonl (field "text") or .parquet file, or a folder of them; the
+presets wikitext2, c4, ptb (Hugging Face datasets, need the Hub or its cache); or "default", the
+docstrings of this Python's standard library (offline; calibration and evaluation parts share no
+file). Unstructured results are saved dense, with zeros.
+
+Exit codes: 0 success, 2 bad input (nothing written), 1 numerical failure, 130 interrupted.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit code 2
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m llmprune", description="Prune a Hugging Face causal LM and measure it.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="Hub id, local HF folder, or built-in alias: llama / smollm2 (SmolLM2-135M, offline)")
+    p.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt (default wanda)")
+    p.add_argument("--sparsity", default=None,
+                   help="fraction of each decoder linear layer removed, 0 <= s < 1 (default 0.5; N/M with --pattern)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--calib-data", nargs="+", default=["default"], metavar="SOURCE")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32; papers: 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512; papers: 2048)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-data", nargs="+", default=["default"], metavar="SOURCE", help='sources, or "none"')
+    p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per perplexity window (default 1024)")
+    p.add_argument("--eval-tokens", type=int, default=16384,
+                   help="evaluate on at most this many tokens (default 16384; 0 = all)")
+    p.add_argument("--output", default=None, help="output folder (default: pruned/<model>-<method>-<pattern>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward call")
+    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per block")
+    p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening, fraction of mean diag(H)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        from .cli import run
+
+        run(**{k.replace("-", "_"): v for k, v in vars(args).items()}, argv=argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NumericalError as error:
+        print(f"numerical failure: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

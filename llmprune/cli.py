@@ -1,0 +1,171 @@
+"""The main job: load, calibrate, measure, prune, measure, save, summarise. Plain arguments only."""
+
+from __future__ import annotations
+
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, data
+from .api import check_pattern_fits, check_sparsity, prune
+from .errors import UsageError
+from .evaluate import count_parameters, perplexity, tokenizer_adds_bos
+from .memory import PeakRSS
+from .methods import METHODS, parse_pattern
+from .models.adapters import adapter_for
+from .models.loading import base_model_id, load_model
+from .save import check_output_folder, model_card, save_folder
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> int:
+    if value < minimum:
+        raise UsageError(f"--{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _default_output(model: str, method: str, tag: str) -> Path:
+    """pruned/<model>-<method>-<tag>, with -2, -3, ... when taken (never replaces anything)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
+    base = Path("pruned") / f"{slug}-{method}-{tag}"
+    candidate, n = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _summary(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str], nsamples: int,
+        seqlen: int, seed: int, eval_data: list[str], eval_seqlen: int, eval_tokens: int,
+        output: str | None, overwrite: bool, device: str, dtype: str, batch_size: int, blocksize: int,
+        percdamp: float, trust_remote_code: bool, no_progress: bool, argv: list[str]) -> dict:
+    started = time.perf_counter()
+    progress = not no_progress
+    # Everything that can be checked without the model is checked first.
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    nm = parse_pattern(pattern)
+    target = check_sparsity(sparsity if sparsity is not None else (nm.sparsity if nm else 0.5), nm,
+                            explicit=sparsity is not None)
+    _positive("nsamples", nsamples)
+    _positive("seqlen", seqlen, 2)
+    _positive("eval-seqlen", eval_seqlen, 2)
+    _positive("eval-tokens", eval_tokens, 0)
+    _positive("batch-size", batch_size)
+    _positive("blocksize", blocksize)
+    if not 0 < percdamp < 10:
+        raise UsageError(f"--percdamp must be in (0, 10), got {percdamp}")
+    compute = _device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if compute.type == "cuda" else "float32"
+    evaluate_sources = None if [s.lower() for s in eval_data] == ["none"] else eval_data
+    tag = str(nm).replace(":", "of") if nm else f"{round(target * 100):d}"
+    target_folder = check_output_folder(output, overwrite) if output else _default_output(model, method, tag)
+    for source in list(calib_data) + list(evaluate_sources or []):
+        if source not in data.PRESETS and source != data.DEFAULT_SOURCE and not Path(source).exists():
+            raise UsageError(f"data source {source!r} is neither an existing file or folder nor a preset "
+                             f"({', '.join(['default', *data.PRESETS])})")
+
+    timings = {}
+    t = time.perf_counter()
+    lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    adapter_for(lm)
+    check_pattern_fits(lm, nm)
+    lm.to(compute)
+    timings["load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    calibration = None
+    if METHODS[method].needs_calibration:
+        calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed)
+    evaluation = None
+    if evaluate_sources is not None:
+        evaluation = data.evaluation_ids(tokenizer, evaluate_sources, eval_tokens or None)
+        if evaluation.numel() < eval_seqlen:
+            raise UsageError(f"evaluation data has {evaluation.numel()} tokens, fewer than one "
+                             f"--eval-seqlen window of {eval_seqlen}")
+    timings["data_s"] = time.perf_counter() - t
+
+    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    perplexities = {}
+    if evaluation is not None:
+        perplexities["dense"] = perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict()
+        timings["eval_dense_s"] = perplexities["dense"]["seconds"]
+
+    params_before = count_parameters(lm)
+    if compute.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(compute)
+    options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
+    with PeakRSS() as memory:
+        report = prune(lm, calibration, method=method, sparsity=target, pattern=nm, device=compute,
+                       batch_size=batch_size, progress=progress, **options)
+    timings["prune_s"] = report.seconds
+    peak = {"rss_before_prune_bytes": memory.start, "rss_peak_prune_bytes": memory.peak,
+            "rss_growth_prune_bytes": memory.growth}
+    if compute.type == "cuda":
+        peak["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(compute)
+
+    if evaluation is not None:
+        perplexities["pruned"] = perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict()
+        timings["eval_pruned_s"] = perplexities["pruned"]["seconds"]
+    params_after = count_parameters(lm)
+
+    run_report = {
+        "llmprune_version": __version__,
+        "command": "python -m llmprune " + shlex.join(argv),
+        "model": model,
+        "seed": seed,
+        "device": str(compute),
+        "dtype": dtype,
+        "calib_data": list(calib_data),
+        "eval_data": list(evaluate_sources) if evaluate_sources else None,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+        "prune": report.as_dict(),
+        "parameters": {"before": params_before, "after": params_after},
+        "perplexity": perplexities,
+        "timings": timings,
+        "peak_memory": peak,
+        "storage": "dense safetensors with zeros (no sparse format)",
+    }
+    timings["total_before_save_s"] = time.perf_counter() - started
+    lm.to("cpu")
+    folder = save_folder(lm, tokenizer, target_folder, run_report, model_card(base_model_id(model), run_report), overwrite)
+
+    ppl = (f"{perplexities['dense']['perplexity']:.2f} -> {perplexities['pruned']['perplexity']:.2f}"
+           if perplexities else "not evaluated")
+    print("\nllmprune summary", flush=True)
+    print(_summary([
+        ("method", f"{method} ({report.pattern}, target {target:g})"),
+        ("realised sparsity", f"{report.overall_sparsity:.4f} of decoder linear weights"),
+        ("parameters", f"{params_after['parameters']:,} total, {params_after['nonzero']:,} nonzero "
+                       f"(was {params_before['nonzero']:,})"),
+        ("perplexity", f"{ppl}" + (f"  [{perplexities['dense']['protocol']}]" if perplexities else "")),
+        ("time", f"prune {timings['prune_s']:.1f} s, total {time.perf_counter() - started:.1f} s"),
+        ("peak memory", f"+{memory.growth / 2**20:.0f} MiB RSS while pruning"),
+        ("output", str(folder)),
+    ]), flush=True)
+    return run_report

@@ -1,0 +1,555 @@
+"""Calibration and evaluation text sources -> token tensors, seeded.
+
+A *source* is one of:
+
+- a local file: ``.txt`` / ``.txt.gz`` (UTF-8, one document per file), ``.jsonl`` /
+  ``.jsonl.gz`` (one JSON object per line, field ``text``), ``.parquet`` (column ``text``);
+- a local folder: every such file inside it, recursively, in sorted path order (names starting
+  with ``.`` are skipped);
+- a Hub preset (``wikitext2``, ``c4``, ``ptb``; see ``PRESETS``), loaded with
+  ``datasets.load_dataset`` exactly as the SparseGPT / Wanda reference code does;
+- ``default`` (also what ``None`` or an empty list means): the docstrings of the running
+  interpreter's standard library, an offline corpus present wherever Python is.
+
+Preset names win over a file or folder of the same name; write ``./c4`` for the folder.
+Local files serve both parts (the user chooses what to pass); presets and ``default`` have
+separate calibration and evaluation parts that share no document.
+
+Calibration: the documents are joined (``"\\n\\n"``, or the paper's joiner for a preset),
+tokenised once without special tokens, and ``nsamples`` windows of ``seqlen`` tokens start at
+offsets drawn uniformly with ``torch.Generator().manual_seed(seed)``; windows may overlap, as in
+the papers. ``c4`` instead follows the papers' document sampling: a random document with at least
+``seqlen`` tokens, then a random window inside it (tokenising a whole C4 shard takes minutes).
+
+Evaluation: the documents joined with ``"\\n\\n"`` (for every source: our declared protocol),
+tokenised once without special tokens, truncated to ``max_tokens``.
+
+Offline behaviour of presets: huggingface_hub retries an unreachable Hub five times with
+backoff (about 23 s measured here, with no setting to shorten it). So unless the user already
+set ``HF_HUB_OFFLINE``, we first try a TCP connection to the Hub endpoint (3 s timeout; skipped
+when an HTTPS proxy is configured) and, if that fails, call ``load_dataset`` in offline mode, which
+uses the local datasets cache or fails in milliseconds. Either failure is one ``UsageError``.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import gc
+import gzip
+import hashlib
+import json
+import os
+import socket
+import sysconfig
+import warnings
+import zlib
+from contextlib import contextmanager
+from typing import Sequence
+from urllib.parse import urlparse
+
+import torch
+
+from llmprune.errors import UsageError
+
+DEFAULT_SOURCE = "default"
+PARTS = ("calibration", "evaluation")
+
+# name -> how the preset is loaded. ``load_dataset(path, name, data_files=..., split=...)`` with
+# the values of the part; ``field`` is the text column; ``joiner`` joins the documents for
+# calibration (evaluation always uses "\n\n"). Sources read: IST-DASLab/sparsegpt datautils.py
+# (get_wikitext2, get_ptb, get_c4) and locuslab/wanda lib/data.py (get_wikitext2, get_c4).
+PRESETS: dict[str, dict] = {
+    "wikitext2": {
+        "path": "wikitext",
+        "name": "wikitext-2-raw-v1",
+        "data_files": {"calibration": None, "evaluation": None},
+        "split": {"calibration": "train", "evaluation": "test"},
+        "field": "text",
+        "joiner": " ",
+        "sampling": "stream",
+        "max_documents": {"calibration": None, "evaluation": None},
+        "description": (
+            "WikiText-2 raw (dataset 'wikitext', config 'wikitext-2-raw-v1'), field 'text'. "
+            "Calibration: split 'train', rows joined with ' ' as in SparseGPT/Wanda. "
+            "Evaluation: split 'test', rows joined with '\\n\\n' (same as the papers)."
+        ),
+    },
+    "c4": {
+        "path": "allenai/c4",
+        # The papers also pass the config name 'allenai--c4', which current `datasets`
+        # rejects; the data_files alone select the same shard.
+        "name": None,
+        "data_files": {
+            "calibration": {"train": "en/c4-train.00000-of-01024.json.gz"},
+            "evaluation": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
+        },
+        "split": {"calibration": "train", "evaluation": "validation"},
+        "field": "text",
+        "joiner": "\n\n",  # unused: c4 calibration samples documents, it never joins them
+        "sampling": "documents",
+        "max_documents": {"calibration": None, "evaluation": 1100},
+        "description": (
+            "C4 English (dataset 'allenai/c4', no config), field 'text'. Calibration: split "
+            "'train' of data_files en/c4-train.00000-of-01024.json.gz; each sample is a random "
+            "document with at least seqlen tokens and a random window inside it, as in "
+            "SparseGPT/Wanda. Evaluation: split 'validation' of data_files "
+            "en/c4-validation.00000-of-00008.json.gz, its first 1100 documents as in the papers, "
+            "joined with '\\n\\n' (the papers join with ' ' and keep 256 x seqlen tokens: "
+            "pass max_tokens for that)."
+        ),
+    },
+    "ptb": {
+        "path": "ptb_text_only",
+        "name": "penn_treebank",
+        "data_files": {"calibration": None, "evaluation": None},
+        "split": {"calibration": "train", "evaluation": "test"},
+        "field": "sentence",
+        "joiner": " ",
+        "sampling": "stream",
+        "max_documents": {"calibration": None, "evaluation": None},
+        "description": (
+            "Penn Treebank (dataset 'ptb_text_only', config 'penn_treebank'), field "
+            "'sentence'. Calibration: split 'train', sentences joined with ' ' as in SparseGPT. "
+            "Evaluation: split 'test' as in SparseGPT, joined with '\\n\\n' (SparseGPT joins "
+            "with ' ')."
+        ),
+    },
+}
+
+# Local file suffixes, longest first so ".txt.gz" is not taken for ".gz".
+_SUFFIXES = (".txt.gz", ".jsonl.gz", ".parquet", ".jsonl", ".txt")
+
+# Default corpus: stdlib folders that are not library code, and the split and size caps.
+_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"})
+_EVAL_BUCKETS = 5  # 1 file in 5 (by sha256 of its relative path) goes to evaluation
+# Caps in characters, measured on CPython 3.11: calibration holds ~1.5 MB of docstrings
+# (~390k SmolLM2 tokens, ~1.5 s to tokenise), evaluation ~0.3 MB (~79k tokens). The caps only
+# bite on interpreters with more docstrings and keep tokenising under ~2 s.
+_DEFAULT_MAX_CHARS = {"calibration": 1_800_000, "evaluation": 600_000}
+
+_HUB_PROBE_TIMEOUT_S = 3.0
+# A document must yield seqlen tokens within this many random draws (c4 document sampling).
+_MIN_DRAWS = 10_000
+_DRAWS_PER_SAMPLE = 200
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_texts(sources: Sequence[str] | None, part: str) -> list[str]:
+    """Documents of ``part`` ("calibration" or "evaluation") from every source, in order."""
+    return [doc for _, docs, _ in _segments(sources, part) for doc in docs]
+
+
+def calibration_ids(
+    tokenizer, sources: Sequence[str] | None, nsamples: int, seqlen: int, seed: int
+) -> torch.LongTensor:
+    """[nsamples, seqlen] token ids: nsamples random windows of seqlen tokens, reproducible from seed."""
+    if not _is_int(nsamples) or nsamples < 1:
+        raise UsageError(f"calibration needs nsamples >= 1, got {nsamples!r}")
+    if not _is_int(seqlen) or seqlen < 2:
+        raise UsageError(f"calibration needs seqlen >= 2, got {seqlen!r}")
+    if not _is_int(seed):
+        raise UsageError(f"calibration seed must be an integer, got {seed!r}")
+    generator = torch.Generator().manual_seed(seed)
+    names = _normalise(sources)
+
+    sampled = [n for n in names if n in PRESETS and PRESETS[n]["sampling"] == "documents"]
+    if sampled:
+        if len(names) != 1:
+            raise UsageError(
+                f"preset {sampled[0]!r} samples whole documents for calibration and cannot be "
+                f"combined with other sources (got {', '.join(names)})"
+            )
+        return _document_windows(tokenizer, sampled[0], nsamples, seqlen, generator)
+
+    segments = _segments(names, "calibration")
+    label = ", ".join(label for label, _, _ in segments)
+    # Each source joined with its own joiner, sources joined with "\n\n"; one tokenisation.
+    text = "\n\n".join(joiner.join(docs) for _, docs, joiner in segments)
+    ids = _encode(tokenizer, text)  # [T]
+    if ids.numel() < seqlen:
+        raise UsageError(
+            f"calibration text from {label} has {ids.numel()} tokens, fewer than one window of "
+            f"seqlen={seqlen} tokens"
+        )
+    # Start offsets uniform over every full window, [nsamples]; windows [nsamples, seqlen].
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
+    return ids[starts[:, None] + torch.arange(seqlen)]
+
+
+def evaluation_ids(tokenizer, sources: Sequence[str] | None, max_tokens: int | None) -> torch.LongTensor:
+    """[T] token ids: the evaluation texts joined with "\\n\\n", tokenised once, truncated to max_tokens."""
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 2):
+        raise UsageError(f"evaluation needs max_tokens >= 2 (or none), got {max_tokens!r}")
+    segments = _segments(sources, "evaluation")
+    label = ", ".join(label for label, _, _ in segments)
+    text = "\n\n".join(doc for _, docs, _ in segments for doc in docs)
+    ids = _encode(tokenizer, text)  # [T], tokenised once: no boundary effects between documents
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise UsageError(f"evaluation text from {label} has {ids.numel()} tokens; at least 2 are needed")
+    return ids
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _normalise(sources: Sequence[str] | None) -> list[str]:
+    """The list of source strings; None or empty means the default corpus."""
+    if sources is None:
+        return [DEFAULT_SOURCE]
+    if isinstance(sources, (str, os.PathLike)):  # a lone string would otherwise iterate its characters
+        sources = [sources]
+    names = []
+    for s in sources:
+        if not isinstance(s, (str, os.PathLike)) or not os.fspath(s).strip():
+            raise UsageError(f"data source must be a non-empty string, got {s!r}")
+        names.append(os.fspath(s))
+    return names or [DEFAULT_SOURCE]
+
+
+def _segments(sources: Sequence[str] | None, part: str) -> list[tuple[str, list[str], str]]:
+    """(label, documents, calibration joiner) for each source, in the order given."""
+    if part not in PARTS:
+        raise UsageError(f"data part must be 'calibration' or 'evaluation', got {part!r}")
+    out = []
+    for source in _normalise(sources):
+        if source == DEFAULT_SOURCE:
+            out.append((source, _default_texts(part), "\n\n"))
+        elif source in PRESETS:
+            out.append((f"preset {source!r}", _preset_texts(source, part), PRESETS[source]["joiner"]))
+        elif os.path.isdir(source):
+            out.append((f"folder {source!r}", _folder_texts(source), "\n\n"))
+        elif os.path.isfile(source):
+            out.append((f"file {source!r}", _file_texts(source), "\n\n"))
+        elif os.path.exists(source):
+            raise UsageError(f"data source {source!r} is neither a regular file nor a folder")
+        elif _looks_like_path(source):
+            raise UsageError(f"data file or folder not found: {source!r}")
+        else:
+            raise UsageError(
+                f"unknown data source {source!r}: not a file or folder, and not one of "
+                f"{', '.join([DEFAULT_SOURCE, *sorted(PRESETS)])}"
+            )
+    return out
+
+
+def _looks_like_path(source: str) -> bool:
+    """True when the user evidently meant a path (separator or a known suffix)."""
+    return "/" in source or os.sep in source or source.lower().endswith(_SUFFIXES) or source.startswith(".")
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _folder_texts(folder: str) -> list[str]:
+    """Documents of every supported file under folder, recursively, sorted by relative path."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            if not f.startswith(".") and f.lower().endswith(_SUFFIXES):
+                path = os.path.join(root, f)
+                found.append((os.path.relpath(path, folder).replace(os.sep, "/"), path))
+    if not found:
+        raise UsageError(f"folder {folder!r} holds no {', '.join(sorted(_SUFFIXES))} files")
+    return [doc for _, path in sorted(found) for doc in _file_texts(path)]
+
+
+def _file_texts(path: str) -> list[str]:
+    """Documents of one local file, by suffix."""
+    lower = path.lower()
+    if lower.endswith((".txt", ".txt.gz")):
+        text = _read_text(path)
+        if not text.strip():
+            raise UsageError(f"data file {path!r} is empty")
+        return [text]
+    if lower.endswith((".jsonl", ".jsonl.gz")):
+        return _jsonl_texts(path)
+    if lower.endswith(".parquet"):
+        return _parquet_texts(path)
+    raise UsageError(f"data file {path!r} has an unsupported type; use {', '.join(sorted(_SUFFIXES))}")
+
+
+def _read_text(path: str) -> str:
+    """The UTF-8 text of a file, gunzipped when its name ends in .gz."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if path.lower().endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise UsageError(f"cannot read data file {path!r}: {_reason(e)}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"data file {path!r} is not UTF-8 text (byte {e.start}): is it binary?") from e
+    if "\x00" in text:
+        raise UsageError(f"data file {path!r} contains NUL bytes: is it binary?")
+    return text.removeprefix("\ufeff")  # a byte-order mark is not text
+
+
+def _jsonl_texts(path: str) -> list[str]:
+    """The ``text`` field of every JSON line; blank lines are skipped."""
+    docs = []
+    # Split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings.
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"data file {path!r} line {lineno} is not JSON: {_reason(e)}") from e
+        if not isinstance(record, dict) or "text" not in record:
+            raise UsageError(f"data file {path!r} line {lineno} has no 'text' field")
+        if not isinstance(record["text"], str):
+            raise UsageError(f"data file {path!r} line {lineno}: 'text' is not a string")
+        docs.append(record["text"])
+    if not any(d.strip() for d in docs):
+        raise UsageError(f"data file {path!r} is empty (no text in its 'text' fields)")
+    return docs
+
+
+def _parquet_texts(path: str) -> list[str]:
+    """The ``text`` column of a parquet file; null rows are skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+        if "text" not in schema.names:
+            raise UsageError(f"data file {path!r} has no 'text' column (columns: {', '.join(schema.names)})")
+        column = pq.read_table(path, columns=["text"]).column("text")
+    except (pa.ArrowException, OSError) as e:
+        raise UsageError(f"data file {path!r} is not a readable parquet file: {_reason(e)}") from e
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise UsageError(f"data file {path!r}: column 'text' holds {column.type}, not strings")
+    docs = [d for d in column.to_pylist() if d is not None]
+    if not any(d.strip() for d in docs):
+        raise UsageError(f"data file {path!r} is empty (no text in its 'text' column)")
+    return docs
+
+
+# ----------------------------------------------------------------------------- default corpus
+
+
+def _default_texts(part: str) -> list[str]:
+    """The default corpus's documents for part (a fresh list; the cache stays untouched)."""
+    return list(_default_part(part))
+
+
+@functools.lru_cache(maxsize=2)
+def _default_part(part: str) -> tuple[str, ...]:
+    """Documents of one part: files hashed into it, capped in hash order, in path order."""
+    want_eval = part == "evaluation"
+    chosen = [(h, rel, doc) for h, rel, doc in _stdlib_documents() if (h % _EVAL_BUCKETS == 0) == want_eval]
+    # Cap deterministically: take files in hash order (a fixed pseudo-random sample of the
+    # library, not its alphabetical start) until the character budget is spent.
+    kept, used = [], 0
+    for h, rel, doc in sorted(chosen):
+        if kept and used + len(doc) > _DEFAULT_MAX_CHARS[part]:
+            break
+        kept.append((rel, doc))
+        used += len(doc)
+    if not kept:
+        raise UsageError(
+            f"data source 'default' found no standard-library docstrings under "
+            f"{sysconfig.get_paths()['stdlib']!r}; pass calibration/evaluation files instead"
+        )
+    return tuple(doc for _, doc in sorted(kept))
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_documents() -> tuple[tuple[int, str, str], ...]:
+    """(hash, relative path, docstrings) for every stdlib .py file with docstrings, path order.
+
+    Source files are parsed with ``ast``, never imported (imports can have side effects).
+    A document is one file's module, class and function docstrings in source order, joined with
+    "\\n\\n". Identical documents are kept once (first path), so the two parts never share one.
+    Takes ~3 s on CPython 3.11 (ast.parse of ~12 MB of source in 734 files), once per process.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
+        for name in names:
+            if name.endswith(".py") and not name.startswith("test_"):
+                files.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+    out, seen = [], set()
+    # ast.parse allocates ~1.2M nodes; with torch loaded the cyclic GC then costs ~2 s of the
+    # ~4.5 s. AST trees hold no reference cycles (refcounting frees them), so pause the GC.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for rel in sorted(files):
+            try:
+                with open(os.path.join(root, rel), "rb") as fh:
+                    source = fh.read()
+                with warnings.catch_warnings():  # e.g. SyntaxWarning for old escape sequences
+                    warnings.simplefilter("ignore")
+                    tree = ast.parse(source, filename=rel)
+            except (OSError, SyntaxError, ValueError):  # unreadable or not this Python's syntax
+                continue
+            doc = "\n\n".join(_docstrings(tree))
+            if doc and doc not in seen:
+                seen.add(doc)
+                digest = hashlib.sha256(rel.encode("utf-8")).digest()
+                out.append((int.from_bytes(digest[:8], "big"), rel, doc))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return tuple(out)
+
+
+def _docstrings(tree: ast.AST) -> list[str]:
+    """Module, class and function docstrings in source order (nested ones included)."""
+    found = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and doc.strip():
+                found.append(doc.strip())
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, ast.expr):  # expressions hold no docstrings; skip them fast
+                visit(child)
+
+    visit(tree)
+    return found
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _preset_texts(name: str, part: str) -> list[str]:
+    """The preset's documents for part (rows of its text field)."""
+    spec = PRESETS[name]
+    dataset = _preset_dataset(name, part)
+    limit = spec["max_documents"][part]
+    if limit is not None:
+        return list(dataset[: min(limit, len(dataset))][spec["field"]])
+    return list(dataset[spec["field"]])
+
+
+def _preset_dataset(name: str, part: str):
+    """``datasets.load_dataset`` with the preset's arguments; every failure is a UsageError."""
+    spec = PRESETS[name]
+    what = f"dataset {spec['path']!r}" + (f", config {spec['name']!r}" if spec["name"] else "")
+    data_files = spec["data_files"][part]
+    if data_files:
+        what += f", data_files {', '.join(data_files.values())}"
+    what += f", split {spec['split'][part]!r}"
+    try:
+        import datasets
+    except ImportError as e:
+        raise UsageError(f"preset {name!r} needs the 'datasets' package: pip install datasets") from e
+
+    where = ""
+    try:
+        with _offline_unless_hub_reachable() as where:
+            dataset = datasets.load_dataset(
+                spec["path"], spec["name"], data_files=data_files, split=spec["split"][part]
+            )
+    except Exception as e:  # network, cache, format: all mean "this preset is not available here"
+        raise UsageError(
+            f"cannot load preset {name!r} ({what}): {where}{_reason(e)}; it needs the Hugging Face "
+            f"Hub or a local datasets cache"
+        ) from e
+    if spec["field"] not in dataset.column_names:
+        raise UsageError(f"preset {name!r} ({what}) has no field {spec['field']!r}")
+    return dataset
+
+
+@contextmanager
+def _offline_unless_hub_reachable():
+    """Force offline mode while the Hub cannot be reached; yield the words that explain a failure.
+
+    huggingface_hub reads HF_HUB_OFFLINE once at import, so we flip the module flags that
+    ``datasets`` and ``huggingface_hub`` consult at call time, and restore them afterwards.
+    """
+    import datasets.config as ds_config
+    from huggingface_hub import constants as hub_constants
+
+    if ds_config.HF_HUB_OFFLINE or hub_constants.HF_HUB_OFFLINE:
+        yield "offline mode is set (HF_HUB_OFFLINE) and the local datasets cache failed: "
+        return
+    if _hub_reachable():
+        yield ""
+        return
+    saved = (ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    ds_config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield "the Hugging Face Hub is unreachable and the local datasets cache failed: "
+    finally:
+        ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _hub_reachable() -> bool:
+    """True when a TCP connection to the Hub endpoint opens within a few seconds.
+
+    Behind an HTTPS proxy a direct connection says nothing, so we assume reachable there.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from huggingface_hub import constants as hub_constants
+
+    url = urlparse(hub_constants.ENDPOINT)
+    if not url.hostname:
+        return True
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+def _document_windows(
+    tokenizer, name: str, nsamples: int, seqlen: int, generator: torch.Generator
+) -> torch.LongTensor:
+    """[nsamples, seqlen]: per sample a random document with >= seqlen tokens, a random window in it."""
+    spec = PRESETS[name]
+    dataset = _preset_dataset(name, "calibration")
+    ndocs = len(dataset)
+    if ndocs == 0:
+        raise UsageError(f"preset {name!r} calibration split is empty")
+    windows, draws = [], 0
+    max_draws = max(_MIN_DRAWS, _DRAWS_PER_SAMPLE * nsamples)
+    while len(windows) < nsamples:
+        if draws >= max_draws:
+            raise UsageError(
+                f"preset {name!r}: only {len(windows)} of {nsamples} random documents had at least "
+                f"seqlen={seqlen} tokens in {draws} draws; use a shorter seqlen"
+            )
+        draws += 1
+        index = int(torch.randint(ndocs, (1,), generator=generator))
+        ids = _encode(tokenizer, dataset[index][spec["field"]])  # [L]
+        if ids.numel() < seqlen:
+            continue
+        start = int(torch.randint(ids.numel() - seqlen + 1, (1,), generator=generator))
+        windows.append(ids[start : start + seqlen])
+    return torch.stack(windows)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _encode(tokenizer, text: str) -> torch.LongTensor:
+    """[T] ids of text, one tokeniser call, no special tokens (no BOS in the middle of windows)."""
+    # verbose=False: long texts are expected here; skip the "longer than model_max_length" warning.
+    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return torch.tensor(enc["input_ids"], dtype=torch.long)
+
+
+def _is_int(x) -> bool:
+    """An int that is not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as a short single line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

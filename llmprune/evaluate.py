@@ -1,0 +1,86 @@
+"""Perplexity with a declared protocol, and model size counting.
+
+Protocol: the evaluation texts are joined with "\\n\\n" and tokenised once without special
+tokens; the token stream is cut into non-overlapping windows of ``seqlen`` tokens (a shorter
+tail is dropped, as in the SparseGPT/Wanda evaluation); when the tokenizer itself adds a BOS
+token to encoded text (i.e. the model was trained expecting one), BOS is prepended to every
+window so all ``seqlen`` tokens are predicted, otherwise the first token of each window is
+context only. Perplexity = exp(total NLL / number of predicted tokens), summed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    nll_sum: float
+    predicted_tokens: int
+    windows: int
+    seqlen: int
+    bos_prepended: bool
+    seconds: float
+
+    @property
+    def protocol(self) -> str:
+        bos = "BOS prepended to each window" if self.bos_prepended else "no BOS"
+        return (f"{self.windows} non-overlapping windows of {self.seqlen} tokens, {bos}, "
+                f"{self.predicted_tokens} predicted tokens, ppl = exp(sum NLL / predicted tokens)")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "protocol": self.protocol}
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """True when encoding text with special tokens starts with the tokenizer's BOS token."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    encoded = tokenizer("a", add_special_tokens=True).input_ids
+    return len(encoded) > 0 and encoded[0] == bos
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, bos_token_id: int | None = None,
+               device: torch.device | str | None = None, progress: bool = True) -> Perplexity:
+    """token_ids: [T] evaluation stream. Returns the perplexity under the module's protocol."""
+    started = time.perf_counter()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    windows = token_ids.numel() // seqlen
+    if windows < 1:
+        raise ValueError(f"evaluation text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
+    nll_sum = 0.0
+    predicted = 0
+    for w in tqdm(range(windows), desc="perplexity: windows", disable=not progress):
+        window = token_ids[w * seqlen:(w + 1) * seqlen]
+        if bos_token_id is not None:
+            window = torch.cat([torch.tensor([bos_token_id], dtype=window.dtype), window])
+        window = window.unsqueeze(0).to(device)  # [1, seqlen (+1)]
+        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()  # [positions, vocab]
+        targets = window[0, 1:]
+        nll_sum += F.cross_entropy(logits, targets, reduction="sum").double().item()
+        predicted += targets.numel()
+    return Perplexity(perplexity=math.exp(nll_sum / predicted), nll_sum=nll_sum, predicted_tokens=predicted,
+                      windows=windows, seqlen=seqlen, bos_prepended=bos_token_id is not None,
+                      seconds=time.perf_counter() - started)
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Unique parameters (tied weights once) and how many of them are exactly zero."""
+    seen, total, zeros = set(), 0, 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        zeros += int((parameter == 0).sum())
+    return {"parameters": total, "zeros": zeros, "nonzero": total - zeros}

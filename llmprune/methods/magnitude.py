@@ -1,0 +1,28 @@
+"""Magnitude pruning: remove the weights of smallest |W|. Needs no calibration data.
+
+YAML: ``{method: magnitude, sparsity: 0.5}`` (per matrix) or ``{method: magnitude, pattern: "2:4"}``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import NMPattern, smallest_in_matrix, smallest_n_of_m
+
+
+class Magnitude:
+    name = "magnitude"
+    needs_calibration = False
+
+    def new_statistics(self, in_features: int, device: torch.device) -> None:
+        return None
+
+    def prune_group(self, weights: list[torch.Tensor], statistics: None, sparsity: float,
+                    pattern: NMPattern | None, name: str = "") -> list[torch.Tensor]:
+        """weights: float32 [out_i, in] matrices; each is thresholded on its own."""
+        pruned = []
+        for weight in weights:
+            scores = weight.abs()
+            mask = smallest_n_of_m(scores, pattern) if pattern else smallest_in_matrix(scores, sparsity)
+            pruned.append(weight.masked_fill(mask, 0))
+        return pruned

@@ -1,0 +1,78 @@
+"""Sparsity patterns and exact mask selection: pure tensor functions, no state.
+
+A mask is a bool tensor shaped like the weight, ``True`` where the weight is removed. Every
+selector removes an exact count (chosen by index, so ties cannot change the count).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """N:M sparsity as in the SparseGPT and Wanda papers: in every group of ``m`` consecutive
+    weights along the input dimension of a row, ``n`` are set to zero (2:4 removes 50%)."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_pattern(text: str | None) -> NMPattern | None:
+    """``None``/"unstructured" -> None; "N:M" -> NMPattern, refusing N >= M or N < 1."""
+    if text is None or text == "unstructured":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match:
+        raise UsageError(f"--pattern must be 'unstructured' or N:M such as 2:4, got {text!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise UsageError(f"--pattern {text}: need 0 < N < M (N of every M weights are zeroed)")
+    return NMPattern(n, m)
+
+
+def smallest_per_row(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mask the ``floor(in * fraction)`` lowest scores of every row. scores: [out, in]."""
+    k = int(scores.shape[1] * fraction)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, True)
+    return mask
+
+
+def smallest_in_matrix(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mask the ``floor(numel * fraction)`` lowest scores of the whole matrix."""
+    k = int(scores.numel() * fraction)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten(), k, largest=False).indices] = True
+    return mask.view_as(scores)
+
+
+def smallest_n_of_m(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Mask the ``n`` lowest scores in every group of ``m`` consecutive input columns of each row."""
+    rows, cols = scores.shape
+    if cols % pattern.m:
+        raise UsageError(f"pattern {pattern}: input width {cols} is not a multiple of {pattern.m}")
+    groups = scores.reshape(rows, cols // pattern.m, pattern.m)  # [out, in/m, m]
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, pattern.n, dim=2, largest=False).indices, True)
+    return mask.view(rows, cols)
+
+
+def check_nm(mask: torch.Tensor, pattern: NMPattern) -> bool:
+    """True when every group of m along the input dimension has exactly n removed weights."""
+    rows, cols = mask.shape
+    return bool((mask.reshape(rows, cols // pattern.m, pattern.m).sum(-1) == pattern.n).all())

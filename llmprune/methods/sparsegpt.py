@@ -1,0 +1,134 @@
+"""SparseGPT (Frantar & Alistarh, 2023): mask selection and optimal-brain-surgeon weight update
+from the layer Hessian H = 2 XᵀX / n of the calibration inputs.
+
+YAML: ``{method: sparsegpt, sparsity: 0.5, blocksize: 128, percdamp: 0.01}``.
+
+Matrices that read the same input (q/k/v, gate/up) share one Hessian and one inverse: their
+rows are stacked and solved in one pass (every row's update is independent of the other rows),
+while masks are still chosen per matrix, so the result equals pruning each matrix alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import NumericalError
+from .masks import NMPattern
+
+log = logging.getLogger(__name__)
+
+
+class InputHessian:
+    """Running sum of XᵀX over all calibration tokens, in float32. H = 2 * sum / tokens."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum_xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [in, in]
+        self.tokens = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()  # [tokens, in]
+        self.sum_xtx.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.sum_xtx * (2.0 / max(self.tokens, 1))
+
+
+def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str = "",
+                              max_retries: int = 4) -> torch.Tensor:
+    """Dampen H by ``percdamp`` x mean(diag H), invert it, return the upper Cholesky factor of H⁻¹.
+
+    A failed factorisation is retried with ten times more dampening each time, then refused.
+    """
+    diagonal_mean = torch.mean(torch.diag(hessian))
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = percdamp
+    for attempt in range(max_retries + 1):
+        factor, info = torch.linalg.cholesky_ex(hessian + eye * (damp * diagonal_mean))
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper
+        if attempt < max_retries:
+            log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g",
+                        name, damp, damp * 10)
+            damp *= 10
+    raise NumericalError(f"{name}: Hessian is not positive definite even with dampening {damp:.3g}")
+
+
+def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity: float,
+                    pattern: NMPattern | None, blocksize: int = 128, percdamp: float = 0.01,
+                    name: str = "") -> list[torch.Tensor]:
+    """Prune float32 matrices [out_i, in] that share the input Hessian [in, in]; return new ones.
+
+    Unstructured: in each block of ``blocksize`` columns, the floor(rows_i * block * sparsity)
+    weights of each matrix with the lowest w² / [H⁻¹]_jj² are removed. N:M: every m columns,
+    the n lowest of each row's group. After each column the error is spread over the columns
+    not yet visited (the OBS update), then over later blocks in one matmul.
+    """
+    hessian = hessian.clone()
+    W = torch.cat(weights, 0).float()  # [rows, in]: the stacked matrices
+    rows, columns = W.shape
+    bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()  # row ranges
+
+    dead = torch.diag(hessian) == 0  # inputs that were always zero: the weight is irrelevant
+    hessian[dead, dead] = 1
+    W[:, dead] = 0
+    hinv = upper_cholesky_of_inverse(hessian, percdamp, name)  # [in, in], upper triangular
+
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        count = end - start
+        block = W[:, start:end].clone()  # [rows, count]
+        block_hinv = hinv[start:end, start:end]
+        block_diag = torch.diag(block_hinv)  # [count]
+        block_mask = torch.zeros_like(block, dtype=torch.bool)
+        errors = torch.zeros_like(block)
+
+        if pattern is None:
+            saliency = block.pow(2) / block_diag.pow(2).unsqueeze(0)  # [rows, count]
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                k = int((hi - lo) * count * sparsity)
+                if k:
+                    flat = torch.topk(saliency[lo:hi].flatten(), k, largest=False).indices
+                    block_mask[lo:hi].view(-1)[flat] = True
+
+        for i in range(count):
+            if pattern is not None and i % pattern.m == 0:
+                saliency = block[:, i:i + pattern.m].pow(2) / block_diag[i:i + pattern.m].pow(2)
+                picked = torch.topk(saliency, pattern.n, dim=1, largest=False).indices
+                block_mask[:, i:i + pattern.m].scatter_(1, picked, True)
+            column = block[:, i]
+            kept = column.masked_fill(block_mask[:, i], 0)
+            error = (column - kept) / block_hinv[i, i]  # [rows]
+            block[:, i:] -= error.unsqueeze(1) * block_hinv[i, i:].unsqueeze(0)
+            block[:, i] = kept
+            errors[:, i] = error
+
+        W[:, start:end] = block
+        mask[:, start:end] = block_mask
+        W[:, end:] -= errors @ hinv[start:end, end:]
+
+    W.masked_fill_(mask, 0)  # exact zeros where removed
+    return [W[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+class SparseGPT:
+    name = "sparsegpt"
+    needs_calibration = True
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
+        self.blocksize = blocksize
+        self.percdamp = percdamp
+
+    def new_statistics(self, in_features: int, device: torch.device) -> InputHessian:
+        return InputHessian(in_features, device)
+
+    def prune_group(self, weights: list[torch.Tensor], statistics: InputHessian, sparsity: float,
+                    pattern: NMPattern | None, name: str = "") -> list[torch.Tensor]:
+        return sparsegpt_prune(weights, statistics.hessian(), sparsity, pattern,
+                               self.blocksize, self.percdamp, name)

@@ -1,0 +1,46 @@
+"""Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2 and remove the lowest scores of each output
+row (or the lowest n of every m inputs). No weight update.
+
+YAML: ``{method: wanda, sparsity: 0.5}`` or ``{method: wanda, pattern: "2:4"}``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import NMPattern, smallest_n_of_m, smallest_per_row
+
+
+class InputNorms:
+    """Running sum of squares of every input feature over all calibration tokens (float32)."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum_of_squares = torch.zeros(in_features, dtype=torch.float32, device=device)  # [in]
+        self.tokens = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()  # [tokens, in]
+        self.sum_of_squares += x.pow(2).sum(0)
+        self.tokens += x.shape[0]
+
+
+def wanda_scores(weight: torch.Tensor, sum_of_squares: torch.Tensor) -> torch.Tensor:
+    """[out, in] scores |W| * ||X_j||_2; the norm is over all calibration tokens."""
+    return weight.abs() * sum_of_squares.sqrt().unsqueeze(0)
+
+
+class Wanda:
+    name = "wanda"
+    needs_calibration = True
+
+    def new_statistics(self, in_features: int, device: torch.device) -> InputNorms:
+        return InputNorms(in_features, device)
+
+    def prune_group(self, weights: list[torch.Tensor], statistics: InputNorms, sparsity: float,
+                    pattern: NMPattern | None, name: str = "") -> list[torch.Tensor]:
+        pruned = []
+        for weight in weights:
+            scores = wanda_scores(weight, statistics.sum_of_squares)
+            mask = smallest_n_of_m(scores, pattern) if pattern else smallest_per_row(scores, sparsity)
+            pruned.append(weight.masked_fill(mask, 0))
+        return pruned

