@@ -64,6 +64,10 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         percdamp: float, trust_remote_code: bool, no_progress: bool, argv: list[str]) -> dict:
     started = time.perf_counter()
     progress = not no_progress
+    if no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     # Everything that can be checked without the model is checked first.
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from ..errors import NumericalError
+from ..errors import NumericalError, UsageError
 from .masks import NMPattern
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,16 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
     the n lowest of each row's group. After each column the error is spread over the columns
     not yet visited (the OBS update), then over later blocks in one matmul.
     """
+    if not torch.isfinite(hessian).all():
+        raise NumericalError(f"{name}: non-finite values (NaN or inf) in the Hessian")
     hessian = hessian.clone()
     W = torch.cat(weights, 0).float()  # [rows, in]: the stacked matrices
     rows, columns = W.shape
+    if pattern is not None:
+        if columns % pattern.m:
+            raise UsageError(f"pattern {pattern}: input width {columns} is not a multiple of {pattern.m}")
+        # Groups of m must not straddle blocks: round the block width down to a multiple of m.
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()  # row ranges
 
     dead = torch.diag(hessian) == 0  # inputs that were always zero: the weight is irrelevant

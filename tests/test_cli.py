@@ -1,0 +1,167 @@
+"""The command line on a tiny local model folder: the output folder, the report, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llmprune.__main__ import main
+
+FAST = ["--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "64", "--eval-tokens", "512", "--no-progress"]
+
+
+def run_cli(folder, text_file, output, *extra):
+    return main(["--model", str(folder), "--calib-data", str(text_file), "--eval-data", str(text_file),
+                 "--output", str(output), *FAST, *extra])
+
+
+def fresh_process_logits(folder: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """Load the folder with plain transformers in a new interpreter that never imports llmprune."""
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad(): logits = model(ids).logits\n"
+        "assert not any(name.startswith('llmprune') for name in sys.modules)\n"
+        f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    return torch.load(tmp_path / "logits.pt")
+
+
+@pytest.mark.parametrize("method, pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4")])
+def test_output_folder_reloads_with_identical_logits(tiny_folder, text_file, tmp_path, capsys, method, pattern):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import llmprune
+    from llmprune import data
+
+    out = tmp_path / "out"
+    assert run_cli(tiny_folder, text_file, out, "--method", method, "--pattern", pattern) == 0
+    printed = capsys.readouterr().out
+    assert "realised sparsity  0.5000" in printed and str(out) in printed
+
+    # The same pruning through the Python API, in memory.
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    calibration = data.calibration_ids(tokenizer, [str(text_file)], 4, 32, 0)
+    llmprune.prune(model, calibration, method=method, pattern=pattern, progress=False)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert torch.equal(fresh_process_logits(out, ids, tmp_path), expected)  # bitwise, float32
+
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "README.md", "llmprune.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary folders left
+
+    report = json.loads((out / "llmprune.json").read_text())
+    assert report["seed"] == 0 and report["command"].startswith("python -m llmprune --model")
+    assert set(report["versions"]) >= {"python", "torch", "transformers"}
+    assert report["prune"]["overall_sparsity"] == 0.5 and len(report["prune"]["per_layer_sparsity"]) == 3
+    assert report["perplexity"]["pruned"]["perplexity"] > 0 and "windows" in report["perplexity"]["dense"]["protocol"]
+    assert report["peak_memory"]["rss_peak_prune_bytes"] >= report["peak_memory"]["rss_before_prune_bytes"]
+    assert report["timings"]["prune_s"] > 0
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "tiny-llama"
+    assert front["tags"] == ["llmprune", "pruned", method]
+    assert front["llmprune"]["realised_sparsity"] == 0.5
+    assert set(front["llmprune"]["perplexity"]) == {"dense", "pruned"}
+    assert "non-overlapping windows" in card
+
+
+def test_existing_output_is_refused_then_overwritten(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert run_cli(tiny_folder, text_file, out, "--method", "magnitude") == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert run_cli(tiny_folder, text_file, out, "--method", "magnitude", "--overwrite") == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_default_output_name_never_replaces(tiny_folder, text_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", str(tiny_folder), "--method", "magnitude", "--eval-data", "none", "--no-progress"]
+    assert main(args) == 0 and main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == [
+        "tiny-llama-magnitude-50", "tiny-llama-magnitude-50-2"]
+
+
+def test_pattern_sets_sparsity_when_omitted(tiny_folder, text_file, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(tiny_folder, text_file, out, "--pattern", "4:8", "--eval-data", "none") == 0
+    report = json.loads((out / "llmprune.json").read_text())
+    assert report["prune"]["pattern"] == "4:8" and report["prune"]["target_sparsity"] == 0.5
+    assert report["perplexity"] == {}
+
+
+BAD = [
+    (["--sparsity", "1"], "[0, 1)"),
+    (["--sparsity", "-0.1"], "[0, 1)"),
+    (["--sparsity", "abc"], "number"),
+    (["--sparsity", "nan"], "[0, 1)"),
+    (["--pattern", "4:4"], "0 < N < M"),
+    (["--pattern", "2:3"], "not a multiple of 3"),
+    (["--pattern", "two:four"], "N:M"),
+    (["--pattern", "2:4", "--sparsity", "0.3"], "disagrees"),
+    (["--method", "obs"], "unknown method"),
+    (["--calib-data", "missing.txt"], "neither an existing file"),
+    (["--calib-data", "wikitext103"], "neither an existing file"),
+    (["--eval-data", "nowhere/"], "neither an existing file"),
+    (["--seqlen", "100000"], "window"),
+    (["--nsamples", "0"], "--nsamples"),
+    (["--seqlen", "1"], "--seqlen"),
+    (["--device", "tpu"], "--device"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--eval-seqlen", "100000"], "fewer than one"),
+    (["--frobnicate"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_folder, text_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    before = sorted(os.listdir(tmp_path))
+    assert run_cli(tiny_folder, text_file, out, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary folder
+
+
+def test_missing_model_folder_and_empty_calibration_file(tmp_path, capsys, tiny_folder):
+    assert main(["--model", str(tmp_path / "no-such-model"), "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["--model", str(tiny_folder), "--calib-data", str(empty), "--output", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_documents_the_nm_convention(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--method", "--sparsity", "--pattern", "--calib-data", "--nsamples", "--seqlen", "--seed",
+                 "--eval-data", "--eval-seqlen", "--eval-tokens", "--output", "--overwrite", "--device", "--dtype"):
+        assert flag in text
+    assert "N are set to zero" in text and "2:4" in text
