@@ -98,7 +98,6 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     adapter_for(lm)
     check_pattern_fits(lm, nm)
-    lm.to(compute)
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -114,9 +113,19 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     timings["data_s"] = time.perf_counter() - t
 
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+
+    def evaluate() -> dict:
+        """The whole model visits the compute device for evaluation only; pruning onloads
+        one decoder layer at a time."""
+        lm.to(compute)
+        try:
+            return perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict()
+        finally:
+            lm.to("cpu")
+
     perplexities = {}
     if evaluation is not None:
-        perplexities["dense"] = perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict()
+        perplexities["dense"] = evaluate()
         timings["eval_dense_s"] = perplexities["dense"]["seconds"]
 
     params_before = count_parameters(lm)
@@ -133,7 +142,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         peak["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(compute)
 
     if evaluation is not None:
-        perplexities["pruned"] = perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict()
+        perplexities["pruned"] = evaluate()
         timings["eval_pruned_s"] = perplexities["pruned"]["seconds"]
     params_after = count_parameters(lm)
 
@@ -156,7 +165,6 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         "storage": "dense safetensors with zeros (no sparse format)",
     }
     timings["total_before_save_s"] = time.perf_counter() - started
-    lm.to("cpu")
     folder = save_folder(lm, tokenizer, target_folder, run_report, model_card(base_model_id(model), run_report), overwrite)
 
     ppl = (f"{perplexities['dense']['perplexity']:.2f} -> {perplexities['pruned']['perplexity']:.2f}"
