@@ -40,17 +40,16 @@ import gzip
 import hashlib
 import json
 import os
-import socket
 import sysconfig
 import warnings
 import zlib
 from contextlib import contextmanager
 from typing import Sequence
-from urllib.parse import urlparse
 
 import torch
 
 from llmprune.errors import UsageError
+from llmprune.hub import hub_reachable as _hub_reachable
 
 DEFAULT_SOURCE = "default"
 PARTS = ("calibration", "evaluation")
@@ -128,7 +127,6 @@ _EVAL_BUCKETS = 5  # 1 file in 5 (by sha256 of its relative path) goes to evalua
 # bite on interpreters with more docstrings and keep tokenising under ~2 s.
 _DEFAULT_MAX_CHARS = {"calibration": 1_800_000, "evaluation": 600_000}
 
-_HUB_PROBE_TIMEOUT_S = 3.0
 # A document must yield seqlen tokens within this many random draws (c4 document sampling).
 _MIN_DRAWS = 10_000
 _DRAWS_PER_SAMPLE = 200
@@ -485,26 +483,6 @@ def _offline_unless_hub_reachable():
         yield "the Hugging Face Hub is unreachable and the local datasets cache failed: "
     finally:
         ds_config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-
-
-def _hub_reachable() -> bool:
-    """True when a TCP connection to the Hub endpoint opens within a few seconds.
-
-    Behind an HTTPS proxy a direct connection says nothing, so we assume reachable there.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    from huggingface_hub import constants as hub_constants
-
-    url = urlparse(hub_constants.ENDPOINT)
-    if not url.hostname:
-        return True
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
-    except OSError:
-        return False
-    return True
 
 
 def _document_windows(

@@ -165,3 +165,15 @@ def test_help_documents_the_nm_convention(capsys):
                  "--eval-data", "--eval-seqlen", "--eval-tokens", "--output", "--overwrite", "--device", "--dtype"):
         assert flag in text
     assert "N are set to zero" in text and "2:4" in text
+
+
+def test_hub_id_offline_fails_fast_with_one_line(tmp_path, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setattr("llmprune.models.loading.hub_reachable", lambda: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    started = time.perf_counter()
+    assert main(["--model", "some-org/some-model", "--output", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert time.perf_counter() - started < 30  # huggingface_hub's own retries take about a minute
+    assert "unreachable and it is not in the local cache" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

