@@ -88,10 +88,9 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     evaluate_sources = None if [s.lower() for s in eval_data] == ["none"] else eval_data
     tag = str(nm).replace(":", "of") if nm else f"{round(target * 100):d}"
     target_folder = check_output_folder(output, overwrite) if output else _default_output(model, method, tag)
-    for source in list(calib_data) + list(evaluate_sources or []):
-        if source not in data.PRESETS and source != data.DEFAULT_SOURCE and not Path(source).exists():
-            raise UsageError(f"data source {source!r} is neither an existing file or folder nor a preset "
-                             f"({', '.join(['default', *data.PRESETS])})")
+    data.check_sources(calib_data)
+    if evaluate_sources is not None:
+        data.check_sources(evaluate_sources)
 
     timings = {}
     t = time.perf_counter()

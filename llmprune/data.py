@@ -209,29 +209,47 @@ def _normalise(sources: Sequence[str] | None) -> list[str]:
     return names or [DEFAULT_SOURCE]
 
 
+def check_sources(sources: Sequence[str] | None) -> None:
+    """Refuse, before any work, a source that is neither a file, a folder, a preset nor default."""
+    for source in _normalise(sources):
+        _source_kind(source)
+
+
+def _source_kind(source: str) -> str:
+    """"default", "preset", "folder" or "file"; a one-line UsageError for anything else."""
+    if source == DEFAULT_SOURCE:
+        return "default"
+    if source in PRESETS:
+        return "preset"
+    if os.path.isdir(source):
+        return "folder"
+    if os.path.isfile(source):
+        return "file"
+    if os.path.exists(source):
+        raise UsageError(f"data source {source!r} is neither a regular file nor a folder")
+    if _looks_like_path(source):
+        raise UsageError(f"data file or folder not found: {source!r}")
+    raise UsageError(
+        f"unknown data source {source!r}: not a file or folder, and not one of "
+        f"{', '.join([DEFAULT_SOURCE, *sorted(PRESETS)])}"
+    )
+
+
 def _segments(sources: Sequence[str] | None, part: str) -> list[tuple[str, list[str], str]]:
     """(label, documents, calibration joiner) for each source, in the order given."""
     if part not in PARTS:
         raise UsageError(f"data part must be 'calibration' or 'evaluation', got {part!r}")
     out = []
     for source in _normalise(sources):
-        if source == DEFAULT_SOURCE:
+        kind = _source_kind(source)
+        if kind == "default":
             out.append((source, _default_texts(part), "\n\n"))
-        elif source in PRESETS:
+        elif kind == "preset":
             out.append((f"preset {source!r}", _preset_texts(source, part), PRESETS[source]["joiner"]))
-        elif os.path.isdir(source):
+        elif kind == "folder":
             out.append((f"folder {source!r}", _folder_texts(source), "\n\n"))
-        elif os.path.isfile(source):
-            out.append((f"file {source!r}", _file_texts(source), "\n\n"))
-        elif os.path.exists(source):
-            raise UsageError(f"data source {source!r} is neither a regular file nor a folder")
-        elif _looks_like_path(source):
-            raise UsageError(f"data file or folder not found: {source!r}")
         else:
-            raise UsageError(
-                f"unknown data source {source!r}: not a file or folder, and not one of "
-                f"{', '.join([DEFAULT_SOURCE, *sorted(PRESETS)])}"
-            )
+            out.append((f"file {source!r}", _file_texts(source), "\n\n"))
     return out
 
 

@@ -170,3 +170,11 @@ def test_report_describes_the_run():
     assert (report.nsamples, report.seqlen) == (3, 16)
     assert len(report.layer_seconds) == 3 and report.seconds > 0
     assert report.modules["model.layers.2.mlp.down_proj"]["shape"] == [64, 128]
+
+
+def test_half_precision_models_keep_their_dtype_and_exact_sparsity():
+    model = tiny_model().to(torch.bfloat16)
+    llmprune.prune(model, calibration(), method="sparsegpt", pattern="2:4", progress=False)
+    for name, weight in pruned_weights(model).items():
+        assert weight.dtype == torch.bfloat16
+        assert check_nm(weight == 0, NMPattern(2, 4)), name
