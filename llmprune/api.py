@@ -81,8 +81,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     nm = pattern if isinstance(pattern, NMPattern) else parse_pattern(pattern)
-    target = check_sparsity(0.5 if sparsity is None and nm is None else
-                            (nm.sparsity if sparsity is None else sparsity), nm)
+    if sparsity is None:
+        sparsity = nm.sparsity if nm else 0.5
+    target = check_sparsity(sparsity, nm)
     adapter = adapter_for(model)
     check_pattern_fits(model, nm)
     pruner = make_method(method, **method_options)

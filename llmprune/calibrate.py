@@ -59,16 +59,6 @@ class LayerInputs:
     layer_args: list[list[tuple[tuple, dict]]]  # [layer][batch]
 
 
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def _decoder_layer_output(output):
     """transformers 5 layers return a tensor; older ones a tuple whose first item is the state."""
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -129,59 +119,84 @@ def _check_finite(tensor: torch.Tensor, where: str) -> None:
 
 
 @torch.no_grad()
+def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: torch.Tensor | None,
+                  device: torch.device, *, collect=None, apply=None, batch_size: int = 1,
+                  progress: bool = True, desc: str = "layers") -> list[float]:
+    """Visit every decoder layer on ``device``, one at a time; return seconds per layer.
+
+    collect(index, layer) -> hook handles that gather statistics while calibration batches run.
+    apply(index, layer) changes the layer (pruning). With ``apply``: a statistics pass, the hooks
+    removed, apply, then a propagation pass so the next layer sees the changed outputs. Without:
+    one pass that both feeds the hooks and propagates. No calibration_ids: no passes at all.
+    """
+    layers = adapter.layers(model)
+    inputs = None
+    if calibration_ids is not None:
+        inputs = capture_layer_inputs(model, adapter, calibration_ids, batch_size, device)
+
+    def feed(index: int, layer: nn.Module, propagate: bool) -> None:
+        for batch, (args, kwargs) in enumerate(inputs.layer_args[index]):
+            output = layer(inputs.hidden[batch], *args, **kwargs)
+            if propagate:
+                output = _decoder_layer_output(output)
+                _check_finite(output, f"output of model.layers.{index}")
+                inputs.hidden[batch] = output
+
+    seconds = []
+    for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+        started = time.perf_counter()
+        home = next(layer.parameters()).device
+        layer.to(device)
+        hooks = collect(index, layer) if (collect is not None and inputs is not None) else []
+        try:
+            if inputs is not None and (hooks or apply is None):
+                feed(index, layer, propagate=apply is None)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if apply is not None:
+            apply(index, layer)
+            if inputs is not None and index + 1 < len(layers):
+                feed(index, layer, propagate=True)
+        layer.to(home)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float,
                     pattern: NMPattern | None, calibration_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 1, progress: bool = True) -> PruneRecord:
     """Prune every linear projection of every decoder layer in place; see the module docstring."""
+    if method.needs_calibration and calibration_ids is None:
+        raise ValueError(f"method {method.name} needs calibration token ids")
     record = PruneRecord()
-    layers = adapter.layers(model)
-    inputs = None
-    if method.needs_calibration:
-        if calibration_ids is None:
-            raise ValueError(f"method {method.name} needs calibration token ids")
-        inputs = capture_layer_inputs(model, adapter, calibration_ids, batch_size, device)
+    statistics: list = []  # per input group of the current layer
 
-    for index, layer in enumerate(tqdm(layers, desc=f"{method.name}: layers", disable=not progress)):
-        started = time.perf_counter()
-        home = next(layer.parameters()).device
-        layer.to(device)
+    def collect(index, layer):
+        statistics[:] = [method.new_statistics(group[0][1].in_features, device)
+                         for group in adapter.linear_groups(layer)]
+        return [group[0][1].register_forward_hook(lambda module, args, output, stats=stats: stats.add_batch(args[0]))
+                for group, stats in zip(adapter.linear_groups(layer), statistics)]
+
+    def apply(index, layer):
         groups = adapter.linear_groups(layer)
-        prefix = f"model.layers.{index}"
-
-        statistics = [None] * len(groups)
-        if method.needs_calibration:
-            statistics = [method.new_statistics(group[0][1].in_features, device) for group in groups]
-            hooks = [group[0][1].register_forward_hook(
-                lambda module, args, output, stats=stats: stats.add_batch(args[0]))
-                for group, stats in zip(groups, statistics)]
-            try:
-                for batch, (args, kwargs) in enumerate(inputs.layer_args[index]):
-                    layer(inputs.hidden[batch], *args, **kwargs)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-
-        for group, stats in zip(groups, statistics):
-            names = [f"{prefix}.{name}" for name, _ in group]
-            if stats is not None:
-                for attribute in ("sum_of_squares", "sum_xtx"):
-                    if hasattr(stats, attribute):
-                        _check_finite(getattr(stats, attribute), f"calibration statistics of {names[0]}")
+        for group, stats in zip(groups, statistics or [None] * len(groups)):
+            names = [f"model.layers.{index}.{name}" for name, _ in group]
+            for attribute in ("sum_of_squares", "sum_xtx"):
+                if hasattr(stats, attribute):
+                    _check_finite(getattr(stats, attribute), f"calibration statistics of {names[0]}")
             weights = [linear.weight.detach().float() for _, linear in group]  # [out_i, in]
             pruned = method.prune_group(weights, stats, sparsity, pattern, name=", ".join(names))
-            for (name, linear), new_weight, full_name in zip(group, pruned, names):
+            for (_, linear), new_weight, full_name in zip(group, pruned, names):
                 _check_finite(new_weight, f"pruned weight of {full_name}")
                 linear.weight.copy_(new_weight.to(linear.weight.dtype))
-                zeros = int((linear.weight == 0).sum())
                 record.modules[full_name] = {"layer": index, "shape": list(linear.weight.shape),
-                                             "zeros": zeros, "numel": linear.weight.numel()}
-        del statistics
+                                             "zeros": int((linear.weight == 0).sum()),
+                                             "numel": linear.weight.numel()}
+        statistics.clear()
 
-        if inputs is not None and index + 1 < len(layers):  # the next layer sees pruned outputs
-            for batch, (args, kwargs) in enumerate(inputs.layer_args[index]):
-                output = _decoder_layer_output(layer(inputs.hidden[batch], *args, **kwargs))
-                _check_finite(output, f"output of {prefix}")
-                inputs.hidden[batch] = output
-        layer.to(home)
-        record.layer_seconds.append(time.perf_counter() - started)
+    record.layer_seconds = run_layerwise(
+        model, adapter, calibration_ids if method.needs_calibration else None, device,
+        collect=collect if method.needs_calibration else None, apply=apply, batch_size=batch_size,
+        progress=progress, desc=f"{method.name}: layers")
     return record

@@ -72,8 +72,10 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     nm = parse_pattern(pattern)
-    target = check_sparsity(sparsity if sparsity is not None else (nm.sparsity if nm else 0.5), nm,
-                            explicit=sparsity is not None)
+    explicit = sparsity is not None
+    if sparsity is None:
+        sparsity = nm.sparsity if nm else 0.5
+    target = check_sparsity(sparsity, nm, explicit=explicit)
     _positive("nsamples", nsamples)
     _positive("seqlen", seqlen, 2)
     _positive("eval-seqlen", eval_seqlen, 2)
