@@ -2,6 +2,11 @@
 
 from .api import PruneReport, prune
 from .errors import NumericalError, UsageError
+from .models.modeling_llmprune import register as _register_uneven_models
+from .structured import StructuredReport, prune_structured
+
+_register_uneven_models()
 
 __version__ = "0.1.0"
-__all__ = ["NumericalError", "PruneReport", "UsageError", "prune", "__version__"]
+__all__ = ["NumericalError", "PruneReport", "StructuredReport", "UsageError", "prune", "prune_structured",
+           "__version__"]

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="Hub id, local HF folder, or built-in alias: llama / smollm2 (SmolLM2-135M, offline)")
-    p.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt (default wanda)")
+    p.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt | structured (default wanda)")
     p.add_argument("--sparsity", default=None,
                    help="fraction of each decoder linear layer removed, 0 <= s < 1 (default 0.5; N/M with --pattern)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward call")
     p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per block")
     p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening, fraction of mean diag(H)")
+    g = p.add_argument_group("structured pruning (--method structured)")
+    g.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
+    g.add_argument("--ffn", type=float, default=0.0, help="fraction of FFN neurons to remove")
+    g.add_argument("--layers", type=int, default=0, help="number of whole decoder layers to remove")
+    g.add_argument("--score", default="wanda", help="magnitude | wanda | flap (default wanda)")
+    g.add_argument("--allocation", default="uniform",
+                   help="uniform (same count per layer, plain HF folder) | global (ranked across layers)")
+    g.add_argument("--gqa", default="groups",
+                   help="groups: remove whole KV groups | queries: remove query heads evenly per group")
+    g.add_argument("--round-to", type=int, default=1, help="keep FFN widths a multiple of N")
+    g.add_argument("--round-heads-to", type=int, default=1, help="keep query-head counts a multiple of N")
+    p.add_argument("--speed", action="store_true", help="measure prefill/decode tokens/s before and after "
+                   "(always on for structured)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

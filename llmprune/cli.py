@@ -14,12 +14,13 @@ import torch
 from . import __version__, data
 from .api import check_pattern_fits, check_sparsity, prune
 from .errors import UsageError
-from .evaluate import count_parameters, perplexity, tokenizer_adds_bos
+from .evaluate import count_parameters, measure_speed, perplexity, tokenizer_adds_bos, weight_bytes
 from .memory import PeakRSS
 from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import base_model_id, load_model
 from .save import check_output_folder, model_card, save_folder
+from .structured import check_structured, prune_structured
 
 
 def _device(name: str) -> torch.device:
@@ -61,7 +62,9 @@ def _summary(rows: list[tuple[str, str]]) -> str:
 def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str], nsamples: int,
         seqlen: int, seed: int, eval_data: list[str], eval_seqlen: int, eval_tokens: int,
         output: str | None, overwrite: bool, device: str, dtype: str, batch_size: int, blocksize: int,
-        percdamp: float, trust_remote_code: bool, no_progress: bool, argv: list[str]) -> dict:
+        percdamp: float, trust_remote_code: bool, no_progress: bool, argv: list[str], heads: float = 0.0,
+        ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
+        gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1, speed: bool = False) -> dict:
     started = time.perf_counter()
     progress = not no_progress
     if no_progress:
@@ -69,8 +72,9 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
 
         transformers.utils.logging.disable_progress_bar()
     # Everything that can be checked without the model is checked first.
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    structured = method == "structured"
+    if method not in METHODS and not structured:
+        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join([*METHODS, 'structured'])}")
     nm = parse_pattern(pattern)
     explicit = sparsity is not None
     if sparsity is None:
@@ -88,7 +92,10 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     if dtype == "auto":
         dtype = "bfloat16" if compute.type == "cuda" else "float32"
     evaluate_sources = None if [s.lower() for s in eval_data] == ["none"] else eval_data
-    tag = str(nm).replace(":", "of") if nm else f"{round(target * 100):d}"
+    if structured:
+        tag = f"h{round(float(heads) * 100)}-f{round(float(ffn) * 100)}-l{layers}-{score}"
+    else:
+        tag = str(nm).replace(":", "of") if nm else f"{round(target * 100):d}"
     target_folder = check_output_folder(output, overwrite) if output else _default_output(model, method, tag)
     data.check_sources(calib_data)
     if evaluate_sources is not None:
@@ -98,13 +105,17 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     t = time.perf_counter()
     lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     adapter_for(lm)
-    check_pattern_fits(lm, nm)
+    structured_options = dict(heads=heads, ffn=ffn, layers=layers, score=score, allocation=allocation, gqa=gqa,
+                              round_to=round_to, round_heads_to=round_heads_to)
+    if structured:
+        check_structured(lm.config, **structured_options)
+    else:
+        check_pattern_fits(lm, nm)
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    calibration = None
-    if METHODS[method].needs_calibration:
-        calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed)
+    needs_data = (score != "magnitude" or layers > 0) if structured else METHODS[method].needs_calibration
+    calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_data else None
     evaluation = None
     if evaluate_sources is not None:
         evaluation = data.evaluation_ids(tokenizer, evaluate_sources, eval_tokens or None)
@@ -114,38 +125,40 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     timings["data_s"] = time.perf_counter() - t
 
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    measure = speed or structured
 
-    def evaluate() -> dict:
-        """The whole model visits the compute device for evaluation only; pruning onloads
-        one decoder layer at a time."""
+    def evaluate() -> tuple[dict | None, dict | None]:
+        """Perplexity and speed; the whole model visits the compute device for these only, while
+        pruning onloads one decoder layer at a time."""
         lm.to(compute)
         try:
-            return perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict()
+            ppl = perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict() if evaluation is not None else None
+            return ppl, (measure_speed(lm, compute) if measure else None)
         finally:
             lm.to("cpu")
 
-    perplexities = {}
-    if evaluation is not None:
-        perplexities["dense"] = evaluate()
-        timings["eval_dense_s"] = perplexities["dense"]["seconds"]
-
-    params_before = count_parameters(lm)
+    perplexities, speeds = {}, {}
+    perplexities["dense"], speeds["dense"] = evaluate()
+    params_before, bytes_before = count_parameters(lm), weight_bytes(lm)
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
-    options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
     with PeakRSS() as memory:
-        report = prune(lm, calibration, method=method, sparsity=target, pattern=nm, device=compute,
-                       batch_size=batch_size, progress=progress, **options)
+        if structured:
+            report = prune_structured(lm, calibration, **structured_options, device=compute,
+                                      batch_size=batch_size, progress=progress)
+        else:
+            options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
+            report = prune(lm, calibration, method=method, sparsity=target, pattern=nm, device=compute,
+                           batch_size=batch_size, progress=progress, **options)
     timings["prune_s"] = report.seconds
     peak = {"rss_before_prune_bytes": memory.start, "rss_peak_prune_bytes": memory.peak,
             "rss_growth_prune_bytes": memory.growth}
     if compute.type == "cuda":
         peak["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(compute)
-
-    if evaluation is not None:
-        perplexities["pruned"] = evaluate()
-        timings["eval_pruned_s"] = perplexities["pruned"]["seconds"]
-    params_after = count_parameters(lm)
+    perplexities["pruned"], speeds["pruned"] = evaluate()
+    perplexities = {k: v for k, v in perplexities.items() if v is not None}
+    speeds = {k: v for k, v in speeds.items() if v is not None}
+    params_after, bytes_after = count_parameters(lm), weight_bytes(lm)
 
     run_report = {
         "llmprune_version": __version__,
@@ -154,31 +167,50 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         "seed": seed,
         "device": str(compute),
         "dtype": dtype,
-        "calib_data": list(calib_data),
+        "calib_data": list(calib_data) if needs_data else None,
         "eval_data": list(evaluate_sources) if evaluate_sources else None,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
-        "prune": report.as_dict(),
+        ("structured" if structured else "prune"): report.as_dict(),
         "parameters": {"before": params_before, "after": params_after},
+        "weight_bytes": {"before": bytes_before, "after": bytes_after},
         "perplexity": perplexities,
+        "speed": speeds,
         "timings": timings,
         "peak_memory": peak,
-        "storage": "dense safetensors with zeros (no sparse format)",
+        "storage": "dense safetensors" + ("" if structured else " with zeros (no sparse format)"),
     }
+    if structured:
+        run_report["prune"] = {"method": "structured", "nsamples": nsamples if needs_data else 0,
+                               "seqlen": seqlen if needs_data else 0}
     timings["total_before_save_s"] = time.perf_counter() - started
     folder = save_folder(lm, tokenizer, target_folder, run_report, model_card(base_model_id(model), run_report), overwrite)
+    file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
     ppl = (f"{perplexities['dense']['perplexity']:.2f} -> {perplexities['pruned']['perplexity']:.2f}"
-           if perplexities else "not evaluated")
+           f"  [{perplexities['dense']['protocol']}]" if perplexities else "not evaluated")
+    if structured:
+        what = (f"structured (heads {heads:g}, ffn {ffn:g}, layers {layers}, score {score}, {allocation}, "
+                f"gqa {gqa})")
+        removed = (f"layers {report.removed_layers or 'none'}; layer sizes "
+                   f"{'uniform ' + str(report.layer_sizes[0]) if report.uniform else 'per layer (see llmprune.json)'}")
+    else:
+        what = f"{method} ({report.pattern}, target {target:g})"
+        removed = f"{report.overall_sparsity:.4f} of decoder linear weights"
+    rows = [("method", what), ("removed" if structured else "realised sparsity", removed),
+            ("parameters", f"{params_before['nonzero']:,} -> {params_after['nonzero']:,} nonzero "
+                           f"({params_after['parameters']:,} stored)"),
+            ("weights", f"{bytes_before / 2**20:.1f} MiB -> {bytes_after / 2**20:.1f} MiB in memory, "
+                        f"{file_bytes / 2**20:.1f} MiB on disk"),
+            ("perplexity", ppl)]
+    if speeds:
+        rows.append(("speed", f"prefill {speeds['dense']['prefill_tokens_per_s']:.0f} -> "
+                              f"{speeds['pruned']['prefill_tokens_per_s']:.0f} tokens/s, decode "
+                              f"{speeds['dense']['decode_tokens_per_s']:.1f} -> "
+                              f"{speeds['pruned']['decode_tokens_per_s']:.1f} tokens/s"))
+    rows += [("time", f"prune {timings['prune_s']:.1f} s, total {time.perf_counter() - started:.1f} s"),
+             ("peak memory", f"+{memory.growth / 2**20:.0f} MiB RSS while pruning"),
+             ("output", str(folder))]
     print("\nllmprune summary", flush=True)
-    print(_summary([
-        ("method", f"{method} ({report.pattern}, target {target:g})"),
-        ("realised sparsity", f"{report.overall_sparsity:.4f} of decoder linear weights"),
-        ("parameters", f"{params_after['parameters']:,} total, {params_after['nonzero']:,} nonzero "
-                       f"(was {params_before['nonzero']:,})"),
-        ("perplexity", f"{ppl}" + (f"  [{perplexities['dense']['protocol']}]" if perplexities else "")),
-        ("time", f"prune {timings['prune_s']:.1f} s, total {time.perf_counter() - started:.1f} s"),
-        ("peak memory", f"+{memory.growth / 2**20:.0f} MiB RSS while pruning"),
-        ("output", str(folder)),
-    ]), flush=True)
+    print(_summary(rows), flush=True)
     return run_report

@@ -84,3 +84,40 @@ def count_parameters(model: nn.Module) -> dict:
         total += parameter.numel()
         zeros += int((parameter == 0).sum())
     return {"parameters": total, "zeros": zeros, "nonzero": total - zeros}
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, device: torch.device | str | None = None, prompt_tokens: int = 512,
+                  new_tokens: int = 64, repeats: int = 3) -> dict:
+    """Prefill tokens/s (one ``prompt_tokens`` prompt) and decode tokens/s (``new_tokens`` greedy
+    tokens with the KV cache, through ``generate``), best of ``repeats`` after one warm-up, at the
+    current thread count. Decode time = time(prompt + 1 + new_tokens) - time(prompt + 1)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+
+    def timed(generated: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=generated,
+                       min_new_tokens=generated, do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    prefill, decode = [], []
+    for attempt in range(repeats + 1):
+        first = timed(1)
+        full = timed(1 + new_tokens)
+        if attempt:  # the first round warms up
+            prefill.append(prompt_tokens / first)
+            decode.append(new_tokens / max(full - first, 1e-9))
+    return {"prefill_tokens_per_s": max(prefill), "decode_tokens_per_s": max(decode),
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the unique parameters and buffers saved with the model."""
+    unique = {id(p): p for p in model.parameters()}
+    return sum(p.numel() * p.element_size() for p in unique.values())

@@ -42,6 +42,8 @@ def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if getattr(model.config, "llmprune_layer_sizes", None):  # uneven layers: ship the modelling file
+            shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", tmp / "modeling_llmprune.py")
         (tmp / "README.md").write_text(card, encoding="utf-8")
         (tmp / "llmprune.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
         _make_ordinary(tmp)

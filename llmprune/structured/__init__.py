@@ -290,6 +290,22 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
         config.intermediate_size = sizes[0]["intermediate_size"]
         config.head_dim = head_dim
     else:
-        config.head_dim = head_dim
-        config.llmprune_layer_sizes = sizes
+        _make_uneven_config(model, head_dim, sizes)
     return report
+
+
+def _make_uneven_config(model: nn.Module, head_dim: int, sizes: list[dict]) -> None:
+    """Give the model the config of its llmprune class: per-layer sizes, a model type that plain
+    transformers does not know, and auto_map entries for the modelling file saved beside it."""
+    from ..models.modeling_llmprune import PREFIX, classes_for
+
+    base_type = model.config.model_type
+    if base_type.startswith(PREFIX):
+        base_type = base_type[len(PREFIX):]
+    config_class, model_class = classes_for(base_type)
+    values = {k: v for k, v in model.config.to_dict().items() if k != "model_type"}
+    config = config_class.from_dict({**values, "head_dim": head_dim, "llmprune_layer_sizes": sizes})
+    config.architectures = [model_class.__name__]
+    config.auto_map = {"AutoConfig": f"modeling_llmprune.{config_class.__name__}",
+                       "AutoModelForCausalLM": f"modeling_llmprune.{model_class.__name__}"}
+    model.config = config
