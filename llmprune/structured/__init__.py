@@ -40,6 +40,7 @@ class StructuredReport:
     parameters_after: int
     bias_compensation: dict = field(default_factory=dict)
     seconds: float = 0.0
+    plain_config: bool = True  # False: saved with llmprune's modelling file (auto_map)
 
     @property
     def uniform(self) -> bool:
@@ -284,14 +285,24 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
                               parameters_after=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
                               bias_compensation=support if score == "flap" else {},
                               seconds=time.perf_counter() - started)
-    if report.uniform:
-        config.num_attention_heads = sizes[0]["num_attention_heads"]
-        config.num_key_value_heads = sizes[0]["num_key_value_heads"]
-        config.intermediate_size = sizes[0]["intermediate_size"]
-        config.head_dim = head_dim
+    if report.uniform and _plain_config_accepts(config, {**sizes[0], "head_dim": head_dim}):
+        for key, value in {**sizes[0], "head_dim": head_dim}.items():
+            setattr(config, key, value)
     else:
+        # Uneven layers, or sizes the family's config refuses (Llama and Gemma 3 require
+        # hidden_size % num_attention_heads == 0 even with an explicit head_dim).
         _make_uneven_config(model, head_dim, sizes)
+    report.plain_config = not hasattr(model.config, "llmprune_layer_sizes")
     return report
+
+
+def _plain_config_accepts(config, values: dict) -> bool:
+    """Whether the family's own config class validates with these sizes."""
+    try:
+        config.__class__.from_dict({**config.to_dict(), **values})
+    except Exception:  # transformers raises its strict-dataclass validation error (not a ValueError)
+        return False
+    return True
 
 
 def _make_uneven_config(model: nn.Module, head_dim: int, sizes: list[dict]) -> None:
