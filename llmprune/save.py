@@ -74,34 +74,59 @@ def model_card(base_model: str, report: dict) -> str:
     import yaml
 
     method = report["prune"]["method"]
+    structured = report.get("structured")
     ppl = report.get("perplexity", {})
-    front = {
-        "base_model": base_model,
-        "library_name": "transformers",
-        "tags": ["llmprune", "pruned", method],
-        "llmprune": {
-            "method": method,
-            "pattern": report["prune"]["pattern"],
-            "target_sparsity": report["prune"]["target_sparsity"],
-            "realised_sparsity": round(report["prune"]["overall_sparsity"], 6),
-        },
-    }
+    speed = report.get("speed", {})
+    params = report.get("parameters", {})
+    if structured:
+        summary = {"method": "structured", "score": structured["score"], "allocation": structured["allocation"],
+                   "gqa": structured["gqa"], "removed_layers": structured["removed_layers"],
+                   "parameters_before": structured["parameters_before"],
+                   "parameters_after": structured["parameters_after"]}
+        title = (f"{structured['parameters_after'] / structured['parameters_before']:.1%} of the parameters "
+                 f"kept, {structured['score']} scores")
+        storage = ("Attention heads, FFN neurons and layers were removed for real: the matrices are "
+                   "smaller, and so are the files and the compute per token.")
+    else:
+        summary = {"method": method, "pattern": report["prune"]["pattern"],
+                   "target_sparsity": report["prune"]["target_sparsity"],
+                   "realised_sparsity": round(report["prune"]["overall_sparsity"], 6)}
+        title = f"{report['prune']['pattern']}, {report['prune']['overall_sparsity']:.1%} of decoder linear weights removed"
+        storage = ("Unstructured and N:M sparsity is stored dense, with zeros in the removed positions: no "
+                   "sparse checkpoint format is written, so the files are as large as the base model's and "
+                   "the speed on ordinary kernels is unchanged.")
     if ppl:
-        front["llmprune"]["perplexity"] = {k: round(v["perplexity"], 4) for k, v in ppl.items()}
+        summary["perplexity"] = {k: round(v["perplexity"], 4) for k, v in ppl.items()}
+    front = {"base_model": base_model, "library_name": "transformers", "tags": ["llmprune", "pruned", method],
+             "llmprune": summary}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {Path(base_model).name} pruned with {method} ({report['prune']['pattern']}, "
-             f"{report['prune']['overall_sparsity']:.1%} of decoder linear weights removed)", "",
+             f"# {Path(base_model).name} pruned with {method} ({title})", "",
              f"Made by [llmprune](https://pypi.org/project/llmprune/) from `{base_model}`.", "",
-             "Unstructured and N:M sparsity is stored dense, with zeros in the removed positions: no "
-             "sparse checkpoint format is written, so the files are as large as the base model's and "
-             "the speed on ordinary kernels is unchanged. The embeddings and LM head are not pruned.", ""]
+             storage + " The embeddings and LM head are not pruned.", ""]
+    rows = []
+    if params:
+        rows.append(("parameters", f"{params['before']['nonzero']:,}", f"{params['after']['nonzero']:,}"))
+    if report.get("weight_bytes"):
+        before, after = report["weight_bytes"]["before"], report["weight_bytes"]["after"]
+        rows.append(("weights (MiB)", f"{before / 2**20:.1f}", f"{after / 2**20:.1f}"))
     if ppl:
-        lines += ["| model | perplexity |", "|---|---|"]
-        lines += [f"| {k} | {v['perplexity']:.3f} |" for k, v in ppl.items()]
-        first = next(iter(ppl.values()))
-        lines += ["", f"Evaluation data: {report.get('eval_data')}. Protocol: {first['protocol']}.", ""]
-    lines += [f"Calibration: {report['prune']['nsamples']} samples x {report['prune']['seqlen']} tokens "
-              f"from {report.get('calib_data')}, seed {report.get('seed')}.", "",
-              f"Command: `{report.get('command', '')}`", "",
-              "Per-layer sparsity and timings are in `llmprune.json`.", ""]
+        rows.append(("perplexity", f"{ppl['dense']['perplexity']:.3f}", f"{ppl['pruned']['perplexity']:.3f}"))
+    if speed:
+        rows.append(("prefill tokens/s", f"{speed['dense']['prefill_tokens_per_s']:.0f}",
+                     f"{speed['pruned']['prefill_tokens_per_s']:.0f}"))
+        rows.append(("decode tokens/s", f"{speed['dense']['decode_tokens_per_s']:.1f}",
+                     f"{speed['pruned']['decode_tokens_per_s']:.1f}"))
+    if rows:
+        lines += ["| | before | after |", "|---|---:|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows] + [""]
+    if ppl:
+        lines += [f"Evaluation data: {report.get('eval_data')}. Protocol: {ppl['dense']['protocol']}.", ""]
+    if speed:
+        s = speed["dense"]
+        lines += [f"Speed: one {s['prompt_tokens']}-token prompt (prefill) and {s['new_tokens']} greedy tokens "
+                  f"(decode), {s['threads']} threads, on {report.get('device')}.", ""]
+    if report["prune"].get("nsamples"):
+        lines += [f"Calibration: {report['prune']['nsamples']} samples x {report['prune']['seqlen']} tokens "
+                  f"from {report.get('calib_data')}, seed {report.get('seed')}.", ""]
+    lines += [f"Command: `{report.get('command', '')}`", "",
+              "Per-layer details and timings are in `llmprune.json`.", ""]
     return "\n".join(lines)

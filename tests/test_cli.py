@@ -177,3 +177,40 @@ def test_hub_id_offline_fails_fast_with_one_line(tmp_path, capsys, monkeypatch):
     assert time.perf_counter() - started < 30  # huggingface_hub's own retries take about a minute
     assert "unreachable and it is not in the local cache" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_structured_cli_shrinks_and_reloads(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(tiny_folder, text_file, out, "--method", "structured", "--heads", "0.5", "--ffn", "0.25",
+                   "--layers", "1", "--score", "flap") == 0
+    printed = capsys.readouterr().out
+    assert "prefill" in printed and "MiB on disk" in printed
+    report = json.loads((out / "llmprune.json").read_text())
+    assert report["structured"]["removed_layers"] and report["structured"]["uniform"]
+    assert report["parameters"]["after"]["parameters"] < report["parameters"]["before"]["parameters"]
+    assert report["weight_bytes"]["after"] < report["weight_bytes"]["before"]
+    assert set(report["speed"]) == {"dense", "pruned"}
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["intermediate_size"]) == (2, 2, 96)
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["tags"] == ["llmprune", "pruned", "structured"] and front["llmprune"]["score"] == "flap"
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    from transformers import AutoModelForCausalLM
+
+    reloaded = fresh_process_logits(out, ids, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded, AutoModelForCausalLM.from_pretrained(out)(ids).logits)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--heads", "1.0"], "fraction in"),
+    (["--layers", "3"], "--layers must be in"),
+    (["--ffn", "0.1", "--round-to", "1000"], "multiple of 1000"),
+    (["--heads", "0.9"], "would remove all"),
+], ids=["heads1", "layers", "roundto", "allheads"])
+def test_structured_refusals_exit_2_and_write_nothing(tiny_folder, text_file, tmp_path, capsys, extra, message):
+    before = sorted(os.listdir(tmp_path))
+    assert run_cli(tiny_folder, text_file, tmp_path / "out", "--method", "structured", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err, err
+    assert sorted(os.listdir(tmp_path)) == before
