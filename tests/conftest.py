@@ -61,6 +61,18 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer(tokenizer):
+    """The same tokenizer, prepending BOS when special tokens are asked for (as Llama's does)."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
 @pytest.fixture
 def tiny_folder(tmp_path, tokenizer):
     """A saved tiny Llama with tokenizer: an ordinary local HF model folder."""

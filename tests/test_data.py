@@ -28,30 +28,9 @@ SAMPLE = (
 
 
 @pytest.fixture(scope="module")
-def tok():
-    """A small real byte-level BPE tokenizer trained in-process (no Hub), wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = SAMPLE
-    if AUSTEN.is_dir():
-        with gzip.open(AUSTEN / "persuasion.txt.gz", "rt", encoding="utf-8") as fh:
-            text = fh.read(200_000)
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([text], trainer)
-    # Like Llama tokenizers, prepend BOS when special tokens are asked for: data must not ask.
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+def tok(bos_tokenizer):
+    """A small real byte-level BPE tokenizer (conftest) that adds BOS when asked: data must not ask."""
+    return bos_tokenizer
 
 
 def test_tokenizer_fixture_adds_bos_when_asked(tok):

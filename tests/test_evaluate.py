@@ -44,15 +44,9 @@ def test_perplexity_refuses_text_shorter_than_a_window():
         perplexity(tiny_model(), torch.arange(10), seqlen=32, progress=False)
 
 
-def test_bos_is_used_only_when_the_tokenizer_adds_it(tokenizer):
-    from tokenizers import processors
-
+def test_bos_is_used_only_when_the_tokenizer_adds_it(tokenizer, bos_tokenizer):
     assert not tokenizer_adds_bos(tokenizer)
-    with_bos = type(tokenizer)(tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(
-        tokenizer.backend_tokenizer.to_str()), bos_token="<s>", eos_token="</s>")
-    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", with_bos.bos_token_id)])
-    assert tokenizer_adds_bos(with_bos)
+    assert tokenizer_adds_bos(bos_tokenizer)
 
 
 def test_count_parameters_counts_tied_weights_once_and_zeros():

@@ -60,3 +60,24 @@ def test_wanda_is_far_better_than_magnitude_on_the_real_model(tmp_path):
     # Orientation from the issue at 64 x 512 calibration: dense 31.8, Wanda 60, magnitude 473.
     assert dense < wanda["perplexity"]["pruned"]["perplexity"] < 3 * dense
     assert magnitude["perplexity"]["pruned"]["perplexity"] > 3 * wanda["perplexity"]["pruned"]["perplexity"]
+
+
+def test_structured_on_the_real_model_shrinks_and_reloads_plainly(tmp_path):
+    """FLAP scores, a third of the KV groups and a quarter of the FFN, uniform: an ordinary folder."""
+    out = tmp_path / "structured"
+    done = subprocess.run(
+        [sys.executable, "-m", "llmprune", "--model", "llama", "--method", "structured", "--heads", "0.34",
+         "--ffn", "0.25", "--score", "flap", "--calib-data", str(AUSTEN / "emma.txt.gz"), "--eval-data",
+         str(AUSTEN / "persuasion.txt.gz"), "--nsamples", "8", "--seqlen", "256", "--eval-tokens", "2048",
+         "--eval-seqlen", "1024", "--output", str(out), "--no-progress"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (6, 2, 1152)
+    assert config["attention_bias"] and config["mlp_bias"]  # FLAP's bias compensation
+    report = json.loads((out / "llmprune.json").read_text())
+    assert report["parameters"]["after"]["parameters"] < 0.8 * report["parameters"]["before"]["parameters"]
+    assert (out / "model.safetensors").stat().st_size < 0.8 * report["weight_bytes"]["before"]
+    dense, pruned = (report["perplexity"][k]["perplexity"] for k in ("dense", "pruned"))
+    assert dense < pruned < 20 * dense  # damaged but still a language model

@@ -115,9 +115,11 @@ def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int =
         _kept_count(width, ffn, round_to, "FFN neurons")
 
 
-def _collect_statistics(model, adapter, calibration, device, batch_size, progress):
+def collect_statistics(model, calibration, device=None, batch_size: int = 1, progress: bool = True) -> list[dict]:
     """Per layer: hidden-state norms at the attention and MLP inputs, channel statistics of the
     o_proj and down_proj inputs, and how much the layer changes its input."""
+    adapter = adapter_for(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     per_layer = []
 
     def collect(index, layer):
@@ -180,16 +182,18 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
                      ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
                      gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1,
                      device: str | torch.device | None = None, batch_size: int = 1,
-                     progress: bool = True) -> StructuredReport:
+                     progress: bool = True, statistics: list[dict] | None = None) -> StructuredReport:
     """Remove a fraction of attention heads and FFN neurons and K whole layers, in place.
 
     calibration [nsamples, seqlen] is needed unless score is magnitude and layers is 0.
+    statistics: the output of ``collect_statistics`` on this (dense) model, to reuse one
+    calibration pass for several prunings of copies of the same model.
     """
     adapter = adapter_for(model)
     config = model.config
     check_structured(config, heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
     needs_data = score != "magnitude" or layers > 0
-    if needs_data and (calibration is None or calibration.dim() != 2):
+    if needs_data and statistics is None and (calibration is None or calibration.dim() != 2):
         raise UsageError("structured pruning with data-driven scores needs calibration ids [nsamples, seqlen]")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
@@ -199,7 +203,9 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
     ratio = q_heads // kv_heads
 
     decoder_layers = adapter.layers(model)
-    stats = _collect_statistics(model, adapter, calibration, device, batch_size, progress) if needs_data else None
+    stats = statistics
+    if needs_data and stats is None:
+        stats = collect_statistics(model, calibration, device, batch_size, progress)
     change = [s["change"].value for s in stats] if stats else []
     drop = sorted(sorted(range(len(decoder_layers)), key=lambda i: change[i])[:layers]) if layers else []
     support = _bias_support(decoder_layers[0], config) if score == "flap" else {"attention": False, "mlp": False}
