@@ -28,6 +28,11 @@ class _StopCapture(Exception):
     """Raised by the last catcher: nothing after the decoder layers is needed."""
 
 
+class StopLayer(Exception):
+    """Raised by a statistics hook once everything it needs from this layer has been seen, to skip
+    the rest of the layer's computation in a statistics pass (e.g. the down_proj matmul)."""
+
+
 class _LayerCatcher(nn.Module):
     """Stands in for one decoder layer during capture: records arguments, returns hidden states."""
 
@@ -136,7 +141,12 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
 
     def feed(index: int, layer: nn.Module, propagate: bool) -> None:
         for batch, (args, kwargs) in enumerate(inputs.layer_args[index]):
-            output = layer(inputs.hidden[batch], *args, **kwargs)
+            try:
+                output = layer(inputs.hidden[batch], *args, **kwargs)
+            except StopLayer:
+                if propagate:
+                    raise RuntimeError("a statistics hook stopped a propagation pass") from None
+                continue
             if propagate:
                 output = _decoder_layer_output(output)
                 _check_finite(output, f"output of model.layers.{index}")
@@ -173,10 +183,18 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
     statistics: list = []  # per input group of the current layer
 
     def collect(index, layer):
-        statistics[:] = [method.new_statistics(group[0][1].in_features, device)
-                         for group in adapter.linear_groups(layer)]
-        return [group[0][1].register_forward_hook(lambda module, args, output, stats=stats: stats.add_batch(args[0]))
-                for group, stats in zip(adapter.linear_groups(layer), statistics)]
+        groups = adapter.linear_groups(layer)
+        statistics[:] = [method.new_statistics(group[0][1].in_features, device) for group in groups]
+
+        def record(stats, last):
+            def hook(module, args):
+                stats.add_batch(args[0])
+                if last:  # the last group's input is the last statistic: skip its matmul
+                    raise StopLayer
+            return hook
+
+        return [group[0][1].register_forward_pre_hook(record(stats, last=i == len(groups) - 1))
+                for i, (group, stats) in enumerate(zip(groups, statistics))]
 
     def apply(index, layer):
         groups = adapter.linear_groups(layer)
