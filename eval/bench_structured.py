@@ -38,6 +38,8 @@ ROWS = {
     "both 40%": dict(heads=0.34, ffn=0.422),
 }
 LAYER_ROWS = {"layers 6 (20%)": dict(layers=6), "layers 12 (40%)": dict(layers=12)}
+GLOBAL_ROWS = {"both 20% global": dict(heads=0.34, ffn=0.156, allocation="global"),
+               "both 40% global": dict(heads=0.34, ffn=0.422, allocation="global")}
 
 
 def main() -> None:
@@ -85,7 +87,7 @@ def main() -> None:
         started = time.perf_counter()
         statistics = collect_statistics(dense, calibration, progress=False) if score != "magnitude" else None
         shared = time.perf_counter() - started
-        for name, options in ROWS.items():
+        for name, options in {**ROWS, **(GLOBAL_ROWS if score != "magnitude" else {})}.items():
             model = copy.deepcopy(dense)
             started = time.perf_counter()
             prune_structured(model, calibration, score=score, statistics=statistics, progress=False, **options)
@@ -100,7 +102,8 @@ def main() -> None:
     lines = [f"Setup: SmolLM2-135M, float32, CPU, {base['threads']} threads; calibration {args.nsamples} x "
              f"{args.seqlen} tokens from emma + mansfieldpark (seed 0); perplexity on the first {args.eval_tokens} "
              f"tokens of persuasion, {args.eval_seqlen}-token windows; prefill: one 512-token prompt, decode: "
-             f"64 greedy tokens, best of 3, relative to dense in the same process. Uniform allocation, GQA groups.",
+             f"64 greedy tokens, best of 3, relative to dense in the same process. GQA groups; uniform allocation "
+             f"unless the row says global.",
              "", "| row | score | decoder params removed | perplexity | parameters | file MB | prefill x | "
              "decode x | prune s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
