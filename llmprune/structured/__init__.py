@@ -18,6 +18,7 @@ from torch import nn
 
 from ..calibrate import run_layerwise
 from ..errors import UsageError
+from ..evaluate import count_parameters
 from ..models.adapters import adapter_for
 from . import surgery
 from .scores import (ChannelStats, LayerChange, kv_head_scores, neuron_scores, query_head_scores,
@@ -198,7 +199,7 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     started = time.perf_counter()
-    before = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    before = count_parameters(model)["parameters"]
     q_heads, kv_heads, head_dim, _ = _shape(config)
     ratio = q_heads // kv_heads
 
@@ -288,7 +289,7 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
         config.mlp_bias = True
     report = StructuredReport(score=score, allocation=allocation, gqa=gqa, removed_layers=drop, layer_change=change,
                               layer_sizes=sizes, parameters_before=before,
-                              parameters_after=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+                              parameters_after=count_parameters(model)["parameters"],
                               bias_compensation=support if score == "flap" else {},
                               seconds=time.perf_counter() - started)
     if report.uniform and _plain_config_accepts(config, {**sizes[0], "head_dim": head_dim}):
