@@ -262,7 +262,7 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
                 if score == "flap" and support["attention"]:
                     removed = sorted(set(range(q_heads)) - set(keep_query))
                     channels = surgery.head_channels(removed, head_dim, attention.o_proj.weight.device)
-                    o_bias = attention.o_proj.weight.double()[:, channels] @ s["attn_channels"].mean[channels]
+                    o_bias = attention.o_proj.weight.double()[:, channels] @ s["attn_channels"].mean.to(channels.device)[channels]
                 surgery.shrink_attention(attention, keep_query, keep_kv, head_dim, o_bias)
                 layer_heads, layer_kv = len(keep_query), len(keep_kv)
             width = mlp.down_proj.in_features
@@ -272,7 +272,7 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
                 down_bias = None
                 if score == "flap" and support["mlp"]:
                     removed = order[:remove_neurons[index]].to(mlp.down_proj.weight.device)
-                    down_bias = mlp.down_proj.weight.double()[:, removed] @ s["ffn_channels"].mean[removed]
+                    down_bias = mlp.down_proj.weight.double()[:, removed] @ s["ffn_channels"].mean.to(removed.device)[removed]
                 surgery.shrink_mlp(mlp, keep, down_bias)
                 width = len(keep)
             if score == "flap":  # the config will declare biases: every declared bias must exist

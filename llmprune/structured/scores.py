@@ -57,6 +57,11 @@ class LayerChange:
         return self.total / max(self.tokens, 1)
 
 
+def _like(statistic: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Statistics live on the compute device, weights wherever their layer lives."""
+    return statistic.to(device=weight.device, dtype=weight.dtype)
+
+
 def _per_channel(score_rows: torch.Tensor, channels: int, unit: int) -> torch.Tensor:
     """Sum consecutive blocks of ``unit`` entries: [channels] -> [channels / unit]."""
     return score_rows.reshape(channels // unit, unit).sum(-1)
@@ -69,9 +74,9 @@ def query_head_scores(score: str, q: torch.Tensor, o: torch.Tensor, head_dim: in
     if score == "magnitude":  # squared weight norm of the unit
         per_channel = q.pow(2).sum(1) + o.pow(2).sum(0)
     elif score == "wanda":  # sum of |W| * ||X_j|| over the unit's weights
-        per_channel = (q.abs() @ hidden.norm.to(q.dtype)) + o.abs().sum(0) * attention.norm.to(o.dtype)
+        per_channel = (q.abs() @ _like(hidden.norm, q)) + o.abs().sum(0) * _like(attention.norm, o)
     elif score == "flap":  # fluctuation of the o_proj input times the squared column norm
-        per_channel = attention.variance.to(o.dtype) * o.pow(2).sum(0)
+        per_channel = _like(attention.variance, o) * o.pow(2).sum(0)
     else:
         raise ValueError(score)
     return _per_channel(per_channel.double(), channels, head_dim)
@@ -83,7 +88,7 @@ def kv_head_scores(score: str, k: torch.Tensor, v: torch.Tensor, head_dim: int, 
     if score == "magnitude":
         per_channel = k.pow(2).sum(1) + v.pow(2).sum(1)
     elif score == "wanda":
-        per_channel = (k.abs() + v.abs()) @ hidden.norm.to(k.dtype)
+        per_channel = (k.abs() + v.abs()) @ _like(hidden.norm, k)
     else:
         per_channel = torch.zeros(channels, dtype=k.dtype, device=k.device)
     return _per_channel(per_channel.double(), channels, head_dim)
@@ -95,9 +100,9 @@ def neuron_scores(score: str, gate: torch.Tensor, up: torch.Tensor, down: torch.
     if score == "magnitude":
         result = gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)
     elif score == "wanda":
-        result = (gate.abs() + up.abs()) @ hidden.norm.to(gate.dtype) + down.abs().sum(0) * intermediate.norm.to(down.dtype)
+        result = (gate.abs() + up.abs()) @ _like(hidden.norm, gate) + down.abs().sum(0) * _like(intermediate.norm, down)
     elif score == "flap":
-        result = intermediate.variance.to(down.dtype) * down.pow(2).sum(0)
+        result = _like(intermediate.variance, down) * down.pow(2).sum(0)
     else:
         raise ValueError(score)
     return result.double()
