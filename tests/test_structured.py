@@ -39,7 +39,8 @@ def load_in_fresh_process(folders: list, tmp_path, prelude: str = "", trust: boo
             f"        with torch.no_grad(): results.append(model(probe).logits)\n"
             f"    except Exception as error: results.append(type(error).__name__ + ': ' + str(error))\n"
             f"torch.save(results, {str(tmp_path / 'results.pt')!r})\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # Plain loads must not see llmprune on the path; "import llmprune" runs may need it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" or "llmprune" in prelude}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
     return torch.load(tmp_path / "results.pt")
 
