@@ -81,3 +81,27 @@ def test_structured_on_the_real_model_shrinks_and_reloads_plainly(tmp_path):
     assert (out / "model.safetensors").stat().st_size < 0.8 * report["weight_bytes"]["before"]
     dense, pruned = (report["perplexity"][k]["perplexity"] for k in ("dense", "pruned"))
     assert dense < pruned < 20 * dense  # damaged but still a language model
+
+
+def test_structured_global_queries_layers_round_to_on_the_real_model(tmp_path):
+    """The other options on SmolLM2: query heads evenly per group, global allocation with widths
+    rounded to 64, two layers removed; the folder needs llmprune's class and says so."""
+    out = tmp_path / "global"
+    done = subprocess.run(
+        [sys.executable, "-m", "llmprune", "--model", "llama", "--method", "structured", "--heads", "0.34",
+         "--ffn", "0.3", "--layers", "2", "--gqa", "queries", "--allocation", "global", "--round-to", "64",
+         "--score", "wanda", "--calib-data", str(AUSTEN / "emma.txt.gz"), "--eval-data", "none",
+         "--nsamples", "4", "--seqlen", "256", "--output", str(out), "--no-progress"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    sizes = config["llmprune_layer_sizes"]
+    assert config["model_type"] == "llmprune_llama" and config["num_hidden_layers"] == 28 and len(sizes) == 28
+    assert all(s["num_key_value_heads"] == 3 and s["num_attention_heads"] % 3 == 0 for s in sizes)
+    assert all(s["intermediate_size"] % 64 == 0 for s in sizes) and len({s["intermediate_size"] for s in sizes}) > 1
+    import llmprune  # noqa: F401  (registers the class)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
