@@ -10,7 +10,7 @@ in a fresh process so memory is measured cleanly:
 - peak RSS while pruning minus RSS right after the model is loaded (weights paged in), / float32
   model bytes.
 
-Usage: python eval/bench_unstructured.py [--rows wanda:unstructured,...] [--nsamples 64]
+Usage: python eval/bench_unstructured.py [--rows wanda:unstructured,...] [--nsamples 64] [--update]
 Writes eval/results/bench_unstructured.{json,md}.
 """
 
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the measured rows in an existing results file (same settings)")
     parser.add_argument("--one-row", help=argparse.SUPPRESS)  # internal: measure in this process
     parser.add_argument("--output", default=str(RESULTS / "bench_unstructured"))
     args = parser.parse_args()
@@ -118,6 +120,12 @@ def main() -> None:
             sys.exit(f"row {row} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
+    if args.update:
+        previous = json.loads(Path(args.output + ".json").read_text())
+        if previous["settings"] != settings:
+            sys.exit(f"--update: {args.output}.json was measured with {previous['settings']}")
+        measured = {r["row"]: r for r in results}
+        results = [measured.pop(r["row"], r) for r in previous["rows"]] + list(measured.values())
     RESULTS.mkdir(parents=True, exist_ok=True)
     Path(args.output + ".json").write_text(json.dumps({"settings": settings, "rows": results}, indent=2) + "\n")
     Path(args.output + ".md").write_text(markdown(results, settings))

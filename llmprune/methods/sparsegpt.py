@@ -112,13 +112,13 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
             column = block[:, i]
             kept = column.masked_fill(block_mask[:, i], 0)
             error = (column - kept) / block_hinv[i, i]  # [rows]
-            block[:, i:] -= error.unsqueeze(1) * block_hinv[i, i:].unsqueeze(0)
+            block[:, i:].addr_(error, block_hinv[i, i:], alpha=-1)  # in place: no [rows, count] temporary
             block[:, i] = kept
             errors[:, i] = error
 
         W[:, start:end] = block
         mask[:, start:end] = block_mask
-        W[:, end:] -= errors @ hinv[start:end, end:]
+        W[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1)
 
     W.masked_fill_(mask, 0)  # exact zeros where removed
     return [W[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
