@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import NumericalError, UsageError
+from .errors import NumericalError, OutputError, UsageError
 
 EPILOG = """\
 N:M patterns follow the SparseGPT/Wanda papers: in every group of M consecutive weights along the
@@ -17,13 +17,14 @@ presets wikitext2, c4, ptb (Hugging Face datasets, need the Hub or its cache); o
 docstrings of this Python's standard library (offline; calibration and evaluation parts share no
 file). Unstructured results are saved dense, with zeros.
 
-Exit codes: 0 success, 2 bad input (nothing written), 1 numerical failure, 130 interrupted.
+Exit codes: 0 success, 2 bad input (nothing written), 1 numerical failure or output that cannot be
+written (disk full: no folder, no temporary left), 130 interrupted (no partial output folder).
 """
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit code 2
-        raise UsageError(message)
+    def error(self, message):  # one line on stderr, exit code 2 (argparse quotes some values raw)
+        raise UsageError(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--round-heads-to", type=int, default=1, help="keep query-head counts a multiple of N")
     p.add_argument("--speed", action="store_true", help="measure prefill/decode tokens/s before and after "
                    "(always on for structured)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="commit every finished layer to DIR; rerunning the same command resumes there "
+                        "(a different command is refused); DIR is deleted once the output is written")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -70,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from .save import WRITTEN
+
+    written = len(WRITTEN)
     try:
         args = build_parser().parse_args(argv)
         from .cli import run
@@ -81,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     except NumericalError as error:
         print(f"numerical failure: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+    except OutputError as error:  # disk full, permission lost: no output folder, no temporary left
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a save in progress has removed its temporary folder
+        done = WRITTEN[written:]
+        print(f"interrupted; the output folder {str(done[-1])!r} had been written completely" if done
+              else "interrupted; no output folder was written", file=sys.stderr)
         return 130
     return 0
 

@@ -9,6 +9,9 @@ The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
+import inspect
+import numbers
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from .calibrate import prune_layerwise
+from .checkpoint import LayerCheckpoint, run_fingerprint
 from .errors import UsageError
 from .methods import METHODS, NMPattern, make_method, parse_pattern
 from .models.adapters import adapter_for
@@ -44,7 +48,7 @@ def check_sparsity(sparsity, pattern: NMPattern | None, explicit: bool = True) -
     """Validate the fraction removed; with an N:M pattern it must equal N/M when given."""
     try:
         value = float(sparsity)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of several values
         raise UsageError(f"--sparsity must be a number in [0, 1), got {sparsity!r}") from None
     if not 0.0 <= value < 1.0:  # also refuses NaN
         raise UsageError(f"--sparsity must be in [0, 1), got {sparsity!r}")
@@ -52,6 +56,61 @@ def check_sparsity(sparsity, pattern: NMPattern | None, explicit: bool = True) -
         raise UsageError(f"--sparsity {value} disagrees with --pattern {pattern} "
                          f"(which removes {pattern.sparsity:g}); omit --sparsity or make them agree")
     return pattern.sparsity if pattern is not None else value
+
+
+def check_device(device) -> torch.device:
+    """"auto", "cpu", "cuda", "cuda:N" or a torch.device of those, usable here; else a UsageError."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+            raise TypeError
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def check_calibration(model: nn.Module, calibration, what: str) -> None:
+    """Refuse anything but integer token ids [nsamples >= 1, seqlen >= 1] of the model's vocabulary."""
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or 0 in calibration.shape:
+        got = (f"a tensor of shape {list(calibration.shape)}" if isinstance(calibration, torch.Tensor)
+               else type(calibration).__name__)
+        raise UsageError(f"{what} needs calibration token ids: an integer tensor [nsamples, seqlen], got {got}")
+    if calibration.dtype not in (torch.int64, torch.int32) or calibration.is_meta:
+        raise UsageError(f"calibration token ids must be an int64 (or int32) tensor with data, got "
+                         f"{calibration.dtype} on {calibration.device}")
+    vocabulary = model.get_input_embeddings().num_embeddings
+    low, high = int(calibration.min()), int(calibration.max())
+    if low < 0 or high >= vocabulary:
+        raise UsageError(f"calibration token ids must lie in [0, {vocabulary}) for this model, got {low}..{high}")
+
+
+def _check_method_options(method: str, options: dict) -> None:
+    """Only the options the method takes (sparsegpt: blocksize, percdamp), with usable values."""
+    accepted = list(inspect.signature(METHODS[method]).parameters)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UsageError(f"method {method} takes no option {', '.join(map(repr, unknown))}"
+                         + (f"; its options: {', '.join(accepted)}" if accepted else ""))
+    blocksize = options.get("blocksize", 1)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise UsageError(f"--blocksize must be a positive integer, got {blocksize!r}")
+    percdamp = options.get("percdamp", 0.01)
+    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 < percdamp < 10:
+        raise UsageError(f"--percdamp must be a number in (0, 10), got {percdamp!r}")
 
 
 def check_pattern_fits(model: nn.Module, pattern: NMPattern | None) -> None:
@@ -67,35 +126,54 @@ def check_pattern_fits(model: nn.Module, pattern: NMPattern | None) -> None:
                                      f"{linear.in_features}, not a multiple of {pattern.m}")
 
 
+def prune_checkpoint(folder: str | os.PathLike, model: nn.Module, calibration: torch.Tensor | None, method: str,
+                     sparsity: float, pattern: NMPattern | None, batch_size: int = 1,
+                     run_identity: dict | None = None, **method_options) -> LayerCheckpoint:
+    """The checkpoint of a ``prune`` run, opened: a folder holding a different run is refused here,
+    so the CLI can check it before any long work."""
+    checkpoint = LayerCheckpoint(folder, {
+        "kind": "unstructured", "method": method, "sparsity": sparsity, "pattern": str(pattern) if pattern else None,
+        "method_options": method_options, **run_fingerprint(model, calibration, batch_size), **(run_identity or {})})
+    checkpoint.open()
+    return checkpoint
+
+
 def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str = "wanda",
           sparsity: float | None = None, pattern: str | NMPattern | None = None, *,
           device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
+          checkpoint: str | os.PathLike | LayerCheckpoint | None = None, run_identity: dict | None = None,
           **method_options) -> PruneReport:
     """Prune every linear projection of every decoder layer of ``model`` in place.
 
     calibration: [nsamples, seqlen] token ids (not needed for magnitude). sparsity: fraction
     removed; with ``pattern="N:M"`` it may be omitted (it is N/M) and must agree if given.
     method_options go to the method (sparsegpt: blocksize, percdamp). The embeddings and the LM
-    head are never pruned.
+    head are never pruned. checkpoint: a folder (or ``prune_checkpoint(...)``) where every finished
+    layer is committed and from which a rerun resumes (see llmprune.checkpoint); run_identity:
+    more JSON-able facts that a resumed run must share.
     """
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    nm = pattern if isinstance(pattern, NMPattern) else parse_pattern(pattern)
+    # An NMPattern built by hand is checked like the text it stands for.
+    nm = parse_pattern(str(pattern) if isinstance(pattern, NMPattern) else pattern)
     if sparsity is None:
         sparsity = nm.sparsity if nm else 0.5
     target = check_sparsity(sparsity, nm)
     adapter = adapter_for(model)
     check_pattern_fits(model, nm)
+    _check_method_options(method, method_options)
     pruner = make_method(method, **method_options)
-    if pruner.needs_calibration:
-        if calibration is None or calibration.dim() != 2 or calibration.shape[0] < 1:
-            raise UsageError(f"method {method} needs calibration token ids shaped [nsamples, seqlen]")
-    if device is None:
-        device = next(model.parameters()).device
+    if pruner.needs_calibration or calibration is not None:  # unused by magnitude, but reported
+        check_calibration(model, calibration, f"method {method}")
+    device = next(model.parameters()).device if device is None else check_device(device)
+    check_batch_size(batch_size)
     model.eval()
     started = time.perf_counter()
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = prune_checkpoint(checkpoint, model, calibration, method, target, nm, batch_size,
+                                      run_identity, **method_options)
     record = prune_layerwise(model, adapter, pruner, target, nm, calibration, torch.device(device),
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, checkpoint=checkpoint)
     seconds = time.perf_counter() - started
 
     layers = len(adapter.layers(model))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -19,9 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import NumericalError
+from .checkpoint import LayerCheckpoint
+from .errors import NumericalError, UsageError
 from .methods import NMPattern
 from .models.adapters import DecoderAdapter
+
+log = logging.getLogger(__name__)
 
 
 class _StopCapture(Exception):
@@ -123,21 +127,63 @@ def _check_finite(tensor: torch.Tensor, where: str) -> None:
         raise NumericalError(f"non-finite values (NaN or inf) in {where}")
 
 
+def _first_non_finite(layer: nn.Module, index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> str:
+    """Where a layer's output went non-finite: its input, else the first of its modules (in the
+    order they finish) whose output has NaN/inf, found by running the batch again with hooks."""
+    if not torch.isfinite(hidden).all():
+        return f"the input of model.layers.{index}"
+    found = []
+
+    def check(name):
+        def hook(module, module_args, output):
+            tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+            if (not found and isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                    and not torch.isfinite(tensor).all()):
+                found.append(name)
+        return hook
+
+    handles = [module.register_forward_hook(check(name)) for name, module in layer.named_modules() if name]
+    try:
+        layer(hidden, *args, **kwargs)
+    except Exception:  # a statistics hook may stop the layer early: what was seen is enough
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return f"the output of model.layers.{index}.{found[0]}" if found else f"the output of model.layers.{index}"
+
+
 @torch.no_grad()
 def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: torch.Tensor | None,
                   device: torch.device, *, collect=None, apply=None, batch_size: int = 1,
-                  progress: bool = True, desc: str = "layers") -> list[float]:
+                  progress: bool = True, desc: str = "layers", checkpoint: LayerCheckpoint | None = None,
+                  layer_state=None, restore_layer=None) -> list[float]:
     """Visit every decoder layer on ``device``, one at a time; return seconds per layer.
 
     collect(index, layer) -> hook handles that gather statistics while calibration batches run.
     apply(index, layer) changes the layer (pruning). With ``apply``: a statistics pass, the hooks
     removed, apply, then a propagation pass so the next layer sees the changed outputs. Without:
     one pass that both feeds the hooks and propagates. No calibration_ids: no passes at all.
+
+    With a ``checkpoint``: after each layer, layer_state(index, layer) -> {name: tensor} is
+    committed together with the next layer's inputs; layers an earlier run finished are not run
+    again: restore_layer(index, layer, tensors) puts their state back and the stored inputs of
+    the first unfinished layer replace the captured ones.
     """
     layers = adapter.layers(model)
     inputs = None
     if calibration_ids is not None:
         inputs = capture_layer_inputs(model, adapter, calibration_ids, batch_size, device)
+    resume_at = checkpoint.open() if checkpoint is not None else 0
+    if resume_at:
+        if resume_at > len(layers):
+            raise UsageError(f"--checkpoint-dir {str(checkpoint.folder)!r}: {resume_at} finished layers, "
+                             f"but the model has {len(layers)}")
+        log.warning("resuming from the checkpoint in %s: layers 0-%d are done", checkpoint.folder, resume_at - 1)
+        for index in range(resume_at):
+            restore_layer(index, layers[index], checkpoint.load_layer(index))
+        if inputs is not None and resume_at < len(layers):
+            inputs.hidden = checkpoint.load_inputs(resume_at, like=inputs.hidden)
 
     def feed(index: int, layer: nn.Module, propagate: bool) -> None:
         for batch, (args, kwargs) in enumerate(inputs.layer_args[index]):
@@ -149,11 +195,16 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
                 continue
             if propagate:
                 output = _decoder_layer_output(output)
-                _check_finite(output, f"output of model.layers.{index}")
+                if not torch.isfinite(output).all():
+                    raise NumericalError("non-finite values (NaN or inf) in " + _first_non_finite(
+                        layer, index, inputs.hidden[batch], args, kwargs))
                 inputs.hidden[batch] = output
 
     seconds = []
     for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+        if index < resume_at:
+            seconds.append(0.0)
+            continue
         started = time.perf_counter()
         home = next(layer.parameters()).device
         layer.to(device)
@@ -168,6 +219,9 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
             apply(index, layer)
             if inputs is not None and index + 1 < len(layers):
                 feed(index, layer, propagate=True)
+        if checkpoint is not None:
+            last = index + 1 == len(layers)
+            checkpoint.save_layer(index, layer_state(index, layer), None if inputs is None or last else inputs.hidden)
         layer.to(home)
         seconds.append(time.perf_counter() - started)
     return seconds
@@ -175,8 +229,10 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
 
 def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float,
                     pattern: NMPattern | None, calibration_ids: torch.Tensor | None,
-                    device: torch.device, batch_size: int = 1, progress: bool = True) -> PruneRecord:
-    """Prune every linear projection of every decoder layer in place; see the module docstring."""
+                    device: torch.device, batch_size: int = 1, progress: bool = True,
+                    checkpoint: LayerCheckpoint | None = None) -> PruneRecord:
+    """Prune every linear projection of every decoder layer in place; see the module docstring.
+    With a checkpoint, each pruned layer's linear weights are committed after it is done."""
     if method.needs_calibration and calibration_ids is None:
         raise ValueError(f"method {method.name} needs calibration token ids")
     record = PruneRecord()
@@ -208,13 +264,28 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
             for (_, linear), new_weight, full_name in zip(group, pruned, names):
                 _check_finite(new_weight, f"pruned weight of {full_name}")
                 linear.weight.copy_(new_weight.to(linear.weight.dtype))
-                record.modules[full_name] = {"layer": index, "shape": list(linear.weight.shape),
-                                             "zeros": int((linear.weight == 0).sum()),
-                                             "numel": linear.weight.numel()}
         statistics.clear()
+        note(index, layer)
+
+    def note(index, layer):
+        for group in adapter.linear_groups(layer):
+            for name, linear in group:
+                record.modules[f"model.layers.{index}.{name}"] = {
+                    "layer": index, "shape": list(linear.weight.shape),
+                    "zeros": int((linear.weight == 0).sum()), "numel": linear.weight.numel()}
+
+    def layer_state(index, layer):  # [out, in] pruned weights, by module name within the layer
+        return {name: linear.weight for group in adapter.linear_groups(layer) for name, linear in group}
+
+    def restore_layer(index, layer, tensors):
+        for group in adapter.linear_groups(layer):
+            for name, linear in group:
+                linear.weight.copy_(tensors[name])
+        note(index, layer)
 
     record.layer_seconds = run_layerwise(
         model, adapter, calibration_ids if method.needs_calibration else None, device,
         collect=collect if method.needs_calibration else None, apply=apply, batch_size=batch_size,
-        progress=progress, desc=f"{method.name}: layers")
+        progress=progress, desc=f"{method.name}: layers", checkpoint=checkpoint, layer_state=layer_state,
+        restore_layer=restore_layer)
     return record

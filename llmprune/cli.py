@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from . import __version__, data
-from .api import check_pattern_fits, check_sparsity, prune
+from .api import check_device, check_pattern_fits, check_sparsity, prune, prune_checkpoint
+from .checkpoint import remove_checkpoint
 from .errors import UsageError
 from .evaluate import count_parameters, measure_speed, perplexity, tokenizer_adds_bos, weight_bytes
 from .memory import PeakRSS
@@ -20,21 +21,27 @@ from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import base_model_id, load_model
 from .save import check_output_folder, model_card, save_folder
-from .structured import check_structured, prune_structured
+from .structured import check_structured, check_structured_options, prune_structured, structured_checkpoint
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return device
+    return check_device(name)
+
+
+def _check_calibration_fits(nsamples: int, seqlen: int, lm, compute: torch.device) -> None:
+    """Refuse a calibration set whose token ids or layer activations cannot fit in memory at all
+    (the runner keeps nsamples x seqlen x hidden activations on the compute device)."""
+    import psutil
+
+    tokens = nsamples * seqlen
+    element = next(lm.parameters()).element_size()
+    activations = tokens * getattr(lm.config, "hidden_size", 1) * element
+    ram = psutil.virtual_memory().total
+    room = torch.cuda.get_device_properties(compute).total_memory if compute.type == "cuda" else ram
+    if tokens * 8 > ram or activations > room:
+        raise UsageError(f"--nsamples {nsamples} x --seqlen {seqlen} calibration tokens need about "
+                         f"{max(activations, tokens * 8) / 2**30:,.0f} GiB, more than the "
+                         f"{room / 2**30:,.0f} GiB of memory of {compute}")
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> int:
@@ -64,7 +71,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         output: str | None, overwrite: bool, device: str, dtype: str, batch_size: int, blocksize: int,
         percdamp: float, trust_remote_code: bool, no_progress: bool, argv: list[str], heads: float = 0.0,
         ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
-        gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1, speed: bool = False) -> dict:
+        gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1, speed: bool = False,
+        checkpoint_dir: str | None = None) -> dict:
     started = time.perf_counter()
     progress = not no_progress
     if no_progress:
@@ -88,6 +96,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     _positive("blocksize", blocksize)
     if not 0 < percdamp < 10:
         raise UsageError(f"--percdamp must be in (0, 10), got {percdamp}")
+    if structured:  # before the output name below uses them
+        check_structured_options(heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
     compute = _device(device)
     if dtype == "auto":
         dtype = "bfloat16" if compute.type == "cuda" else "float32"
@@ -96,7 +106,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         tag = f"h{round(float(heads) * 100)}-f{round(float(ffn) * 100)}-l{layers}-{score}"
     else:
         tag = str(nm).replace(":", "of") if nm else f"{round(target * 100):d}"
-    target_folder = check_output_folder(output, overwrite) if output else _default_output(model, method, tag)
+    target_folder = (check_output_folder(output, overwrite) if output is not None
+                     else _default_output(model, method, tag))
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
@@ -115,6 +126,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
 
     t = time.perf_counter()
     needs_data = (score != "magnitude" or layers > 0) if structured else METHODS[method].needs_calibration
+    if needs_data:
+        _check_calibration_fits(nsamples, seqlen, lm, compute)
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_data else None
     evaluation = None
     if evaluate_sources is not None:
@@ -123,6 +136,17 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
             raise UsageError(f"evaluation data has {evaluation.numel()} tokens, fewer than one "
                              f"--eval-seqlen window of {eval_seqlen}")
     timings["data_s"] = time.perf_counter() - t
+
+    options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
+    checkpoint = None
+    if checkpoint_dir is not None:  # opened now, so that a different run there is refused before any work
+        # The calibration digest covers data, seed and sizes; they are named too so a refusal says what changed.
+        identity = {"model": model, "calib_data": list(calib_data), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        if structured:
+            checkpoint = structured_checkpoint(checkpoint_dir, lm, calibration, structured_options, batch_size, identity)
+        else:
+            checkpoint = prune_checkpoint(checkpoint_dir, lm, calibration, method, target, nm, batch_size,
+                                          identity, **options)
 
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     measure = speed or structured
@@ -145,11 +169,10 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     with PeakRSS() as memory:
         if structured:
             report = prune_structured(lm, calibration, **structured_options, device=compute,
-                                      batch_size=batch_size, progress=progress)
+                                      batch_size=batch_size, progress=progress, checkpoint=checkpoint)
         else:
-            options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
             report = prune(lm, calibration, method=method, sparsity=target, pattern=nm, device=compute,
-                           batch_size=batch_size, progress=progress, **options)
+                           batch_size=batch_size, progress=progress, checkpoint=checkpoint, **options)
     timings["prune_s"] = report.seconds
     peak = {"rss_before_prune_bytes": memory.start, "rss_peak_prune_bytes": memory.peak,
             "rss_growth_prune_bytes": memory.growth}
@@ -185,6 +208,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
                                "seqlen": seqlen if needs_data else 0}
     timings["total_before_save_s"] = time.perf_counter() - started
     folder = save_folder(lm, tokenizer, target_folder, run_report, model_card(base_model_id(model), run_report), overwrite)
+    if checkpoint_dir is not None:  # the output is complete: the checkpoint has served
+        remove_checkpoint(checkpoint_dir)
     file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
     ppl = (f"{perplexities['dense']['perplexity']:.2f} -> {perplexities['pruned']['perplexity']:.2f}"

@@ -148,8 +148,8 @@ def calibration_ids(
         raise UsageError(f"calibration needs nsamples >= 1, got {nsamples!r}")
     if not _is_int(seqlen) or seqlen < 2:
         raise UsageError(f"calibration needs seqlen >= 2, got {seqlen!r}")
-    if not _is_int(seed):
-        raise UsageError(f"calibration seed must be an integer, got {seed!r}")
+    if not _is_int(seed) or not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UsageError(f"calibration seed must be an integer in [-2**63, 2**64), got {seed!r}")
     generator = torch.Generator().manual_seed(seed)
     names = _normalise(sources)
 
@@ -172,6 +172,8 @@ def calibration_ids(
             f"calibration text from {label} has {ids.numel()} tokens, fewer than one window of "
             f"seqlen={seqlen} tokens"
         )
+    if nsamples * seqlen * 8 > _memory_bytes():
+        raise UsageError(f"{nsamples} calibration windows of {seqlen} tokens do not fit in this machine's memory")
     # Start offsets uniform over every full window, [nsamples]; windows [nsamples, seqlen].
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
     return ids[starts[:, None] + torch.arange(seqlen)]
@@ -317,7 +319,7 @@ def _jsonl_texts(path: str) -> list[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
             raise UsageError(f"data file {path!r} line {lineno} is not JSON: {_reason(e)}") from e
         if not isinstance(record, dict) or "text" not in record:
             raise UsageError(f"data file {path!r} line {lineno} has no 'text' field")
@@ -538,6 +540,12 @@ def _encode(tokenizer, text: str) -> torch.LongTensor:
     # verbose=False: long texts are expected here; skip the "longer than model_max_length" warning.
     enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
     return torch.tensor(enc["input_ids"], dtype=torch.long)
+
+
+def _memory_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total
 
 
 def _is_int(x) -> bool:

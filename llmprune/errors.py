@@ -1,4 +1,5 @@
-"""The one error type users see: bad input, reported as one line on stderr with exit code 2."""
+"""The error types users see, each reported as one line on stderr: bad input (exit code 2),
+numerical failure and failure to write the output (exit code 1)."""
 
 
 class UsageError(Exception):
@@ -10,3 +11,11 @@ class UsageError(Exception):
 
 class NumericalError(Exception):
     """NaN/inf in activations or statistics, or a Hessian that stays singular: names the module."""
+
+
+class OutputError(Exception):
+    """Writing the output folder failed in the environment (disk full, permission lost).
+
+    The CLI prints ``error: <message>`` and exits with code 1; no output folder and no
+    temporary folder are left behind (an existing folder being replaced is kept).
+    """

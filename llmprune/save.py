@@ -1,28 +1,59 @@
 """Atomic Hugging Face output folders: weights, tokenizer, model card, and the run report.
 
-Everything is written to a hidden temporary folder beside the target and renamed into place at
-the end, so the target is either absent or complete.
+Everything is written to a hidden temporary folder ``.<name>.tmp-<pid>-XXXX`` beside the target,
+flushed to disk, and renamed into place at the end, so the target is either absent or complete;
+a folder being replaced (``--overwrite``) is swapped out in one atomic exchange where the system
+has one, so it is at every moment either the old complete folder or the new one. A run that is
+killed leaves at most a hidden temporary folder, which the next save to the same target removes
+(its owner process, named in the folder name, is gone). Only safetensors are written, and token-
+like secrets are redacted from the report and model card.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
+
+log = logging.getLogger(__name__)
+
+WRITTEN: list[Path] = []  # folders this process has put in place, so an interrupt can say so
 
 
 def check_output_folder(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse (before any work) a target that exists and is not empty, unless overwrite."""
-    target = Path(path).expanduser().resolve()
-    if target.exists() and not target.is_dir():
+    """Refuse (before any work) a target that exists and is not empty, unless overwrite, and one
+    that could never be written (its parent is a file, its name leaves no room for the temporary
+    folder's)."""
+    if not os.fspath(path):
+        raise UsageError("--output must name a folder, got ''")
+    try:  # an unknown ~user, a name longer than the file system allows
+        target = Path(path).expanduser().resolve()
+        spare = _name_max(target.parent) - len(os.fsencode(f".{target.name}.tmp-{os.getpid()}-")) - 8
+        if spare < 0:
+            raise UsageError(f"output folder name is {-spare} bytes too long to be written beside its "
+                             f"temporary folder: {target.name[:40]!r}...")
+        exists, is_dir = target.exists(), target.is_dir()
+    except (OSError, RuntimeError) as error:
+        raise UsageError(f"--output {os.fspath(path)!r}: {getattr(error, 'strerror', None) or error}") from None
+    if exists and not is_dir:
         raise UsageError(f"output {str(target)!r} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    if is_dir and any(target.iterdir()) and not overwrite:
         raise UsageError(f"output folder {str(target)!r} is not empty; pass --overwrite to replace it")
     parent = target.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"cannot create {str(target)!r}: {str(parent)!r} is not a folder")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -33,31 +64,276 @@ def check_output_folder(path: str | os.PathLike, overwrite: bool) -> Path:
     return target
 
 
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) of the file system that holds ``folder`` or its nearest ancestor."""
+    for candidate in (folder, *folder.parents):
+        try:
+            return os.pathconf(candidate, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
 def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card: str,
                 overwrite: bool = False) -> Path:
-    """Write model + tokenizer + README.md + llmprune.json to ``target`` atomically."""
+    """Write model + tokenizer + README.md + llmprune.json to ``target`` atomically.
+
+    Killed at any moment, ``target`` is absent, the old folder (when replacing one) or the complete
+    new one. Ctrl-C (KeyboardInterrupt) removes the temporary folder; an interrupt that arrives
+    while the folder is being put in place is held until that is done. A failed write (disk full,
+    permission lost) raises OutputError with nothing left behind and an old folder kept.
+    """
+    remove_stale_temporaries(Path(target).expanduser().resolve())
     target = check_output_folder(target, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    report, card = redact(report), redact(card)
+    tmp = None
     try:
+        with _InterruptsHeld() as held:  # no folder may exist that ``tmp`` does not name yet
+            tmp = _temporary_folder(target, "tmp")
+        if held.interrupted:
+            raise KeyboardInterrupt
+        _test_pause()
         model.save_pretrained(tmp, safe_serialization=True)
+        _test_pause()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _test_pause()
         if getattr(model.config, "llmprune_layer_sizes", None):  # uneven layers: ship the modelling file
             shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", tmp / "modeling_llmprune.py")
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        (tmp / "llmprune.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        _write_text(tmp / "README.md", card)
+        _test_pause()
+        _write_text(tmp / "llmprune.json", json.dumps(report, indent=2, default=str) + "\n")
         _make_ordinary(tmp)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _sync_folder(tmp)
+        _test_pause()
+        with _InterruptsHeld() as held:  # never cut in half by Ctrl-C
+            old = _install(tmp, target)
+            tmp = None
+            WRITTEN.append(target)
+            _test_pause()
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            try:  # the rename itself on disk; the folder is complete either way
+                _fsync_path(target.parent)
+            except OSError:
+                pass
+        if held.interrupted:  # the folder is complete; the interrupt still stops the run
+            raise KeyboardInterrupt
+    except BaseException as error:
+        if tmp is not None:
+            with _InterruptsHeld():
+                shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(error) if isinstance(error, Exception) and not isinstance(error, UsageError) else None
+        if cause is not None:
+            kept = " (the existing folder is unchanged)" if target.exists() else ""
+            raise OutputError(f"cannot write the output folder {str(target)!r}: "
+                              f"{cause.strerror or cause}; nothing was saved{kept}") from error
         raise
     return target
+
+
+def _test_pause() -> None:
+    """Tests only: ``LLMPRUNE_TEST_SAVE_DELAY=<seconds>`` sleeps between the steps of a save, so
+    that a test can kill the process at chosen points inside it."""
+    try:
+        delay = float(os.environ.get("LLMPRUNE_TEST_SAVE_DELAY", "0") or 0)
+    except ValueError:
+        return
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _temporary_folder(target: Path, kind: str) -> Path:
+    """``.<name>.<kind>-<pid>-XXXXXXXX`` beside the target: the pid tells a later run whether the
+    owner is still alive."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+
+
+_LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove what runs killed while saving to ``target`` left beside it: hidden temporary folders
+    whose owner process is gone. A replacement cut between its two renames (only where the atomic
+    exchange is unavailable) is rolled back: the old folder returns to ``target``. Folders of live
+    processes are left alone. Returns the removed folders."""
+    removed = []
+    prefix = f".{target.name}."
+    try:
+        entries = sorted(target.parent.iterdir())  # "old-" before "tmp-"
+    except OSError:
+        return removed
+    for path in entries:
+        match = _LEFTOVER.fullmatch(path.name[len(prefix):]) if path.name.startswith(prefix) else None
+        if match is None or path.is_symlink() or not path.is_dir() or _process_alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not os.path.lexists(target) and (path / target.name).is_dir():
+            os.replace(path / target.name, target)
+            log.warning("restored %s, which an interrupted run had moved aside", target)
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted run (process %s)", path, match["pid"])
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (zombies count as gone); unknown means alive."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # no harmless probe (os.kill would terminate it): never remove
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+class _InterruptsHeld:
+    """SIGINT inside the block is held (``interrupted`` becomes true) instead of raising
+    KeyboardInterrupt in the middle of it; the caller decides what to do afterwards. A no-op
+    outside the main thread, and when SIGINT is ignored."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = None
+
+    def _hold(self, signum, frame):
+        self.interrupted = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous not in (signal.SIG_IGN, None):
+                try:
+                    signal.signal(signal.SIGINT, self._hold)
+                    self._previous = previous
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _install(tmp: Path, target: Path) -> Path | None:
+    """Put the complete folder ``tmp`` at ``target``. Returns the folder now holding the replaced
+    content, to be deleted, or None."""
+    if not os.path.lexists(target):
+        os.replace(tmp, target)
+        return None
+    if _exchange(tmp, target):  # one atomic step: target is old, then new
+        return tmp
+    old = _temporary_folder(target, "old")
+    os.replace(target, old / target.name)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    return old
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # kernel or file system lacks it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or folder to disk (folders: where the OS allows opening them)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if not path.is_dir() or error.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Every file, then the folder itself, on disk before the rename makes them visible: a crash
+    of the machine must not leave a complete-looking folder with empty files."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            _fsync_path(path)
+    _fsync_path(folder)
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The operating-system error behind a failed write: the exception itself, its cause, or the
+    one that safetensors' Rust writer describes only in text ("... No space left on device (os error 28)")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            return error
+        match = re.search(r"\bOs \{ code: (\d+)|\(os error (\d+)\)", str(error))
+        if match:
+            code = int(match[1] or match[2])
+            return OSError(code, os.strerror(code))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
+
+
+_SECRET_VARIABLE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.I)
+_SECRET_TEXT = [
+    (re.compile(r"\bhf_[A-Za-z0-9]{8,}"), "hf_***"),  # Hugging Face access tokens
+    (re.compile(r"\b(ghp|gho|ghu|ghs|ghr|github_pat|glpat|sk|xox[abposr])([-_])[A-Za-z0-9_\-]{16,}"), r"\1\2***"),
+    (re.compile(r"(?i)(\b(?:token|secret|password|passwd|api[_-]?key|access[_-]?key)\s*[=:]\s*)[^\s'\"&,;]+"), r"\1***"),
+    (re.compile(r"(://[^/\s:@]+:)[^/\s@]+@"), r"\1***@"),  # passwords in URLs
+]
+
+
+def redact(value):
+    """A copy of ``value`` (str, or dicts and lists of them) with secrets replaced by ``***``:
+    Hugging Face and similar access tokens, ``token=...``-style values, passwords in URLs, and the
+    values of environment variables whose names say token, secret, password or key."""
+    if isinstance(value, str):
+        for variable, secret in os.environ.items():
+            if len(secret) >= 8 and _SECRET_VARIABLE.search(variable) and secret in value:
+                value = value.replace(secret, "***")
+        for pattern, replacement in _SECRET_TEXT:
+            value = pattern.sub(replacement, value)
+        return value
+    if isinstance(value, dict):
+        return {key: redact(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(item) for item in value)
+    return value
 
 
 def _make_ordinary(folder: Path) -> None:

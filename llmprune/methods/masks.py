@@ -39,7 +39,7 @@ def parse_pattern(text: str | None) -> NMPattern | None:
         raise UsageError(f"--pattern must be 'unstructured' or N:M such as 2:4, got {text!r}")
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
-        raise UsageError(f"--pattern {text}: need 0 < N < M (N of every M weights are zeroed)")
+        raise UsageError(f"--pattern {n}:{m}: need 0 < N < M (N of every M weights are zeroed)")
     return NMPattern(n, m)
 
 

@@ -110,21 +110,78 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     source = resolve_model(name)
     looks_local = source.startswith((".", "/", "~")) or os.path.sep in source and not _is_hub_id(source)
-    if looks_local and not Path(source).expanduser().is_dir():
+    try:
+        is_folder = Path(source).expanduser().is_dir()
+    except (OSError, RuntimeError):  # a name too long, an unknown ~user
+        is_folder = False
+    if looks_local and not is_folder:
         raise UsageError(f"model folder {source!r} does not exist")
     # A Hub id with the Hub out of reach: use the local cache only, instead of a minute of retries.
     local_only = not Path(source).expanduser().is_dir() and not hub_offline_flag() and not hub_reachable()
+    if not trust_remote_code:  # refused here, before transformers sees it (it may ignore auto_map silently)
+        code = remote_code(source, local_only)
+        if code:
+            raise UsageError(f"model {name!r} ships its own Python code ({', '.join(code)}, named by auto_map); "
+                             f"it is never run without --trust-remote-code")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        why = "the Hugging Face Hub is unreachable and it is not in the local cache" if local_only else first_line
+        # The whole message on one line (some, such as a missing tokenizer's, end the first line with ":").
+        text = " ".join(str(error).split()) or type(error).__name__
+        text = text if len(text) <= 300 else text[:297] + "..."
+        why = "the Hugging Face Hub is unreachable and it is not in the local cache" if local_only else text
         raise UsageError(f"cannot load model {name!r}: {why}") from None
     model.eval()
     return model, tokenizer
+
+
+def remote_code(source: str, local_only: bool = True) -> list[str]:
+    """The Python files a model asks transformers to import: the modules named by ``auto_map`` in
+    its config.json and tokenizer_config.json ("file.py", or "repo:file.py" for another repo's).
+    llmprune's own modelling file is not counted when the model type is one llmprune registers:
+    those classes come from the installed package, never from the folder. Reading a file that
+    cannot be had gives nothing here (loading then reports it)."""
+    import json
+
+    from .modeling_llmprune import PREFIX
+
+    found = []
+    for filename in ("config.json", "tokenizer_config.json"):
+        try:
+            folder = Path(source).expanduser()
+            if folder.is_dir():
+                path = folder / filename
+            else:
+                from transformers.utils import cached_file
+
+                path = cached_file(source, filename, local_files_only=local_only,
+                                   _raise_exceptions_for_missing_entries=False,
+                                   _raise_exceptions_for_connection_errors=False)
+            if path is None or not Path(path).is_file():
+                continue
+            config = json.loads(Path(path).read_text(encoding="utf-8"))
+        except Exception:  # unreadable or not JSON: from_pretrained reports it
+            continue
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        if not auto_map:
+            continue
+        own = str(config.get("model_type", "")).startswith(PREFIX)
+        values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        for value in values:
+            for reference in value if isinstance(value, (list, tuple)) else [value]:
+                if not isinstance(reference, str):
+                    continue
+                repo, _, reference = reference.rpartition("--")
+                module = reference.rsplit(".", 1)[0] + ".py"
+                if own and not repo and module == "modeling_llmprune.py":
+                    continue
+                module = f"{repo}:{module}" if repo else module
+                if module not in found:
+                    found.append(module)
+    return found
 
 
 def _is_hub_id(text: str) -> bool:

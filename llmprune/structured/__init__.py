@@ -10,13 +10,17 @@ gqa: groups, round_to: 1}``.
 
 from __future__ import annotations
 
+import numbers
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..api import check_batch_size, check_calibration, check_device
 from ..calibrate import run_layerwise
+from ..checkpoint import LayerCheckpoint, run_fingerprint
 from ..errors import UsageError
 from ..evaluate import count_parameters
 from ..models.adapters import adapter_for
@@ -71,14 +75,14 @@ def _shape(config) -> tuple[int, int, int, int]:
     return heads, kv, head_dim, config.intermediate_size
 
 
-def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int = 0, score: str = "wanda",
-                     allocation: str = "uniform", gqa: str = "groups", round_to: int = 1,
-                     round_heads_to: int = 1) -> None:
-    """Refuse impossible requests before any work (config only)."""
+def check_structured_options(heads: float = 0.0, ffn: float = 0.0, layers: int = 0, score: str = "wanda",
+                             allocation: str = "uniform", gqa: str = "groups", round_to: int = 1,
+                             round_heads_to: int = 1) -> None:
+    """The checks that need no model: types, ranges and names."""
     for name, value in (("heads", heads), ("ffn", ffn)):
         try:
-            ok = 0.0 <= float(value) < 1.0
-        except (TypeError, ValueError):
+            ok = isinstance(value, numbers.Real) and 0.0 <= float(value) < 1.0
+        except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:
             raise UsageError(f"--{name} must be a fraction in [0, 1), got {value!r}")
@@ -88,14 +92,23 @@ def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int =
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if gqa not in GQA_MODES:
         raise UsageError(f"--gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
-    if not isinstance(layers, int) or not 0 <= layers < config.num_hidden_layers:
-        raise UsageError(f"--layers must be in [0, {config.num_hidden_layers - 1}] for a model of "
-                         f"{config.num_hidden_layers} layers, got {layers!r}")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise UsageError(f"--layers must be a whole number of layers >= 0, got {layers!r}")
     for name, value in (("round-to", round_to), ("round-heads-to", round_heads_to)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"--{name} must be a positive integer, got {value!r}")
     if heads == ffn == 0 and layers == 0:
         raise UsageError("structured pruning needs --heads, --ffn or --layers")
+
+
+def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int = 0, score: str = "wanda",
+                     allocation: str = "uniform", gqa: str = "groups", round_to: int = 1,
+                     round_heads_to: int = 1) -> None:
+    """Refuse impossible requests before any work (config only)."""
+    check_structured_options(heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
+    if not layers < config.num_hidden_layers:
+        raise UsageError(f"--layers must be in [0, {config.num_hidden_layers - 1}] for a model of "
+                         f"{config.num_hidden_layers} layers, got {layers!r}")
     q_heads, kv_heads, _, width = _shape(config)
     ratio = q_heads // kv_heads
     if heads:
@@ -116,18 +129,24 @@ def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int =
         _kept_count(width, ffn, round_to, "FFN neurons")
 
 
-def collect_statistics(model, calibration, device=None, batch_size: int = 1, progress: bool = True) -> list[dict]:
+def _new_layer_statistics(layer: nn.Module, device: torch.device) -> dict:
+    hidden = layer.self_attn.q_proj.in_features
+    return {"attn_in": ChannelStats(hidden, device), "attn_channels": ChannelStats(layer.self_attn.o_proj.in_features, device),
+            "mlp_in": ChannelStats(hidden, device), "ffn_channels": ChannelStats(layer.mlp.down_proj.in_features, device),
+            "change": LayerChange()}
+
+
+def collect_statistics(model, calibration, device=None, batch_size: int = 1, progress: bool = True,
+                       checkpoint: LayerCheckpoint | None = None) -> list[dict]:
     """Per layer: hidden-state norms at the attention and MLP inputs, channel statistics of the
-    o_proj and down_proj inputs, and how much the layer changes its input."""
+    o_proj and down_proj inputs, and how much the layer changes its input. With a checkpoint,
+    each layer's statistics are committed once its pass is done, and restored on resume."""
     adapter = adapter_for(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     per_layer = []
 
     def collect(index, layer):
-        hidden = layer.self_attn.q_proj.in_features
-        stats = {"attn_in": ChannelStats(hidden, device), "attn_channels": ChannelStats(layer.self_attn.o_proj.in_features, device),
-                 "mlp_in": ChannelStats(hidden, device), "ffn_channels": ChannelStats(layer.mlp.down_proj.in_features, device),
-                 "change": LayerChange()}
+        stats = _new_layer_statistics(layer, device)
         per_layer.append(stats)
 
         def record(key):
@@ -143,8 +162,20 @@ def collect_statistics(model, calibration, device=None, batch_size: int = 1, pro
                 layer.mlp.down_proj.register_forward_hook(record("ffn_channels")),
                 layer.register_forward_hook(change, with_kwargs=True)]
 
+    def layer_state(index, layer):  # {"<statistic>.<field>": tensor} of this layer
+        return {f"{key}.{name}": value for key, stat in per_layer[index].items()
+                for name, value in stat.state().items()}
+
+    def restore_layer(index, layer, tensors):
+        stats = _new_layer_statistics(layer, device)
+        for key, stat in stats.items():
+            stat.load_state({name.split(".", 1)[1]: value.to(device) for name, value in tensors.items()
+                             if name.split(".", 1)[0] == key})
+        per_layer.append(stats)
+
     run_layerwise(model, adapter, calibration, device, collect=collect, batch_size=batch_size,
-                  progress=progress, desc="structured: statistics")
+                  progress=progress, desc="structured: statistics", checkpoint=checkpoint,
+                  layer_state=layer_state, restore_layer=restore_layer)
     return per_layer
 
 
@@ -179,24 +210,42 @@ def _allocate(scores: list[torch.Tensor], fraction: float, allocation: str, mult
     return [r - r % multiple for r in removed]
 
 
+def structured_checkpoint(folder: str | os.PathLike, model: nn.Module, calibration: torch.Tensor | None,
+                          options: dict, batch_size: int = 1, run_identity: dict | None = None) -> LayerCheckpoint:
+    """The checkpoint of a ``prune_structured`` run (options: its heads, ffn, ... keywords), opened:
+    a folder holding a different run is refused here, before any long work."""
+    checkpoint = LayerCheckpoint(folder, {
+        "kind": "structured", **options, **run_fingerprint(model, calibration, batch_size), **(run_identity or {})})
+    checkpoint.open()
+    return checkpoint
+
+
 def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, *, heads: float = 0.0,
                      ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
                      gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1,
                      device: str | torch.device | None = None, batch_size: int = 1,
-                     progress: bool = True, statistics: list[dict] | None = None) -> StructuredReport:
+                     progress: bool = True, statistics: list[dict] | None = None,
+                     checkpoint: str | os.PathLike | LayerCheckpoint | None = None,
+                     run_identity: dict | None = None) -> StructuredReport:
     """Remove a fraction of attention heads and FFN neurons and K whole layers, in place.
 
     calibration [nsamples, seqlen] is needed unless score is magnitude and layers is 0.
     statistics: the output of ``collect_statistics`` on this (dense) model, to reuse one
-    calibration pass for several prunings of copies of the same model.
+    calibration pass for several prunings of copies of the same model. checkpoint: a folder (or
+    ``structured_checkpoint(...)``) where the statistics are committed layer by layer and from which
+    a rerun resumes (the cutting itself takes no time); run_identity: more JSON-able facts that a
+    resumed run must share.
     """
     adapter = adapter_for(model)
     config = model.config
-    check_structured(config, heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
+    options = dict(heads=heads, ffn=ffn, layers=layers, score=score, allocation=allocation, gqa=gqa,
+                   round_to=round_to, round_heads_to=round_heads_to)
+    check_structured(config, **options)
     needs_data = score != "magnitude" or layers > 0
-    if needs_data and statistics is None and (calibration is None or calibration.dim() != 2):
-        raise UsageError("structured pruning with data-driven scores needs calibration ids [nsamples, seqlen]")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if (needs_data and statistics is None) or calibration is not None:
+        check_calibration(model, calibration, "structured pruning with data-driven scores or --layers")
+    device = check_device(device) if device is not None else next(model.parameters()).device
+    check_batch_size(batch_size)
     model.eval()
     started = time.perf_counter()
     before = count_parameters(model)["parameters"]
@@ -206,7 +255,9 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
     decoder_layers = adapter.layers(model)
     stats = statistics
     if needs_data and stats is None:
-        stats = collect_statistics(model, calibration, device, batch_size, progress)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            checkpoint = structured_checkpoint(checkpoint, model, calibration, options, batch_size, run_identity)
+        stats = collect_statistics(model, calibration, device, batch_size, progress, checkpoint)
     change = [s["change"].value for s in stats] if stats else []
     drop = sorted(sorted(range(len(decoder_layers)), key=lambda i: change[i])[:layers]) if layers else []
     support = _bias_support(decoder_layers[0], config) if score == "flap" else {"attention": False, "mlp": False}

@@ -26,6 +26,12 @@ class ChannelStats:
         self.sum_of_squares += x.pow(2).sum(0)
         self.tokens += x.shape[0]
 
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "sum_of_squares": self.sum_of_squares, "tokens": torch.tensor(self.tokens)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.sum, self.sum_of_squares, self.tokens = state["sum"], state["sum_of_squares"], int(state["tokens"])
+
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.tokens, 1)
@@ -51,6 +57,12 @@ class LayerChange:
         cos = torch.nn.functional.cosine_similarity(inputs.double(), outputs.double(), dim=-1)  # [b, L]
         self.total += float((1 - cos).sum())
         self.tokens += cos.numel()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"total": torch.tensor(self.total, dtype=torch.float64), "tokens": torch.tensor(self.tokens)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.total, self.tokens = float(state["total"]), int(state["tokens"])
 
     @property
     def value(self) -> float:
