@@ -24,10 +24,6 @@ from .save import check_output_folder, model_card, save_folder
 from .structured import check_structured, check_structured_options, prune_structured, structured_checkpoint
 
 
-def _device(name: str) -> torch.device:
-    return check_device(name)
-
-
 def _check_calibration_fits(nsamples: int, seqlen: int, lm, compute: torch.device) -> None:
     """Refuse a calibration set whose token ids or layer activations cannot fit in memory at all
     (the runner keeps nsamples x seqlen x hidden activations on the compute device)."""
@@ -98,7 +94,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         raise UsageError(f"--percdamp must be in (0, 10), got {percdamp}")
     if structured:  # before the output name below uses them
         check_structured_options(heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
-    compute = _device(device)
+    compute = check_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if compute.type == "cuda" else "float32"
     evaluate_sources = None if [s.lower() for s in eval_data] == ["none"] else eval_data
