@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward call")
+    p.add_argument("--schedule", default="uniform",
+                   help="per-layer sparsity: uniform (default) | owl (outlier-weighted, OWL paper) | a "
+                        "comma-separated list with one sparsity per decoder layer")
+    p.add_argument("--owl-m", type=float, default=5.0, help="owl: outlier threshold M x mean score (default 5)")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="owl: layer sparsities range over target +- lambda (default 0.08)")
     p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per block")
     p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening, fraction of mean diag(H)")
     g = p.add_argument_group("structured pruning (--method structured)")
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     written = len(WRITTEN)
     try:
+        from .commands import SUBCOMMANDS
+
+        if argv and argv[0] in SUBCOMMANDS:  # python -m llmprune sweep|eval ...
+            return SUBCOMMANDS[argv[0]](argv[1:])
         args = build_parser().parse_args(argv)
         from .cli import run
 

@@ -227,12 +227,13 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
     return seconds
 
 
-def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float,
+def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float | list[float],
                     pattern: NMPattern | None, calibration_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 1, progress: bool = True,
                     checkpoint: LayerCheckpoint | None = None) -> PruneRecord:
     """Prune every linear projection of every decoder layer in place; see the module docstring.
-    With a checkpoint, each pruned layer's linear weights are committed after it is done."""
+    With a checkpoint, each pruned layer's linear weights are committed after it is done.
+    sparsity: one fraction for every layer, or a list with one per decoder layer (a schedule)."""
     if method.needs_calibration and calibration_ids is None:
         raise ValueError(f"method {method.name} needs calibration token ids")
     record = PruneRecord()
@@ -260,7 +261,8 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
                 if hasattr(stats, attribute):
                     _check_finite(getattr(stats, attribute), f"calibration statistics of {names[0]}")
             weights = [linear.weight.detach().float() for _, linear in group]  # [out_i, in]
-            pruned = method.prune_group(weights, stats, sparsity, pattern, name=", ".join(names))
+            layer_sparsity = sparsity[index] if isinstance(sparsity, (list, tuple)) else sparsity
+            pruned = method.prune_group(weights, stats, layer_sparsity, pattern, name=", ".join(names))
             for (_, linear), new_weight, full_name in zip(group, pruned, names):
                 _check_finite(new_weight, f"pruned weight of {full_name}")
                 linear.weight.copy_(new_weight.to(linear.weight.dtype))

@@ -21,6 +21,7 @@ from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import base_model_id, load_model
 from .save import check_output_folder, model_card, save_folder
+from .schedules import check_owl_options, parse_schedule
 from .structured import check_structured, check_structured_options, prune_structured, structured_checkpoint
 
 
@@ -68,7 +69,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         percdamp: float, trust_remote_code: bool, no_progress: bool, argv: list[str], heads: float = 0.0,
         ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
         gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1, speed: bool = False,
-        checkpoint_dir: str | None = None) -> dict:
+        checkpoint_dir: str | None = None, schedule: str = "uniform", owl_m: float = 5.0,
+        owl_lambda: float = 0.08) -> dict:
     started = time.perf_counter()
     progress = not no_progress
     if no_progress:
@@ -92,6 +94,14 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     _positive("blocksize", blocksize)
     if not 0 < percdamp < 10:
         raise UsageError(f"--percdamp must be in (0, 10), got {percdamp}")
+    schedule = parse_schedule(schedule)
+    if schedule != "uniform":
+        if structured or nm is not None:
+            raise UsageError("--schedule applies to unstructured sparsity (not to --method structured or N:M patterns)")
+        if schedule == "owl":
+            check_owl_options(owl_m, owl_lambda)
+        if isinstance(schedule, list) and not explicit:
+            target = sum(schedule) / len(schedule)
     if structured:  # before the output name below uses them
         check_structured_options(heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
     compute = check_device(device)
@@ -102,6 +112,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         tag = f"h{round(float(heads) * 100)}-f{round(float(ffn) * 100)}-l{layers}-{score}"
     else:
         tag = str(nm).replace(":", "of") if nm else f"{round(target * 100):d}"
+        tag += "-owl" if schedule == "owl" else "-schedule" if isinstance(schedule, list) else ""
     target_folder = (check_output_folder(output, overwrite) if output is not None
                      else _default_output(model, method, tag))
     data.check_sources(calib_data)
@@ -121,7 +132,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    needs_data = (score != "magnitude" or layers > 0) if structured else METHODS[method].needs_calibration
+    needs_data = (score != "magnitude" or layers > 0) if structured else METHODS[method].needs_calibration or schedule == "owl"
     if needs_data:
         _check_calibration_fits(nsamples, seqlen, lm, compute)
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_data else None
@@ -141,6 +152,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         if structured:
             checkpoint = structured_checkpoint(checkpoint_dir, lm, calibration, structured_options, batch_size, identity)
         else:
+            identity["schedule"] = {"schedule": schedule, "owl_m": owl_m, "owl_lambda": owl_lambda}
             checkpoint = prune_checkpoint(checkpoint_dir, lm, calibration, method, target, nm, batch_size,
                                           identity, **options)
 
@@ -168,7 +180,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
                                       batch_size=batch_size, progress=progress, checkpoint=checkpoint)
         else:
             report = prune(lm, calibration, method=method, sparsity=target, pattern=nm, device=compute,
-                           batch_size=batch_size, progress=progress, checkpoint=checkpoint, **options)
+                           batch_size=batch_size, progress=progress, checkpoint=checkpoint, schedule=schedule,
+                           owl_m=owl_m, owl_lambda=owl_lambda, **options)
     timings["prune_s"] = report.seconds
     peak = {"rss_before_prune_bytes": memory.start, "rss_peak_prune_bytes": memory.peak,
             "rss_growth_prune_bytes": memory.growth}
@@ -216,8 +229,10 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         removed = (f"layers {report.removed_layers or 'none'}; layer sizes "
                    f"{'uniform ' + str(report.layer_sizes[0]) if report.uniform else 'per layer (see llmprune.json)'}")
     else:
-        what = f"{method} ({report.pattern}, target {target:g})"
+        what = f"{method} ({report.pattern}, target {target:g}, schedule {report.schedule['name']})"
         removed = f"{report.overall_sparsity:.4f} of decoder linear weights"
+        if report.schedule["name"] != "uniform":
+            removed += " (per layer " + ", ".join(f"{x:.3f}" for x in report.per_layer_sparsity) + ")"
     rows = [("method", what), ("removed" if structured else "realised sparsity", removed),
             ("parameters", f"{params_before['nonzero']:,} -> {params_after['nonzero']:,} nonzero "
                            f"({params_after['parameters']:,} stored)"),

@@ -367,6 +367,10 @@ def model_card(base_model: str, report: dict) -> str:
         summary = {"method": method, "pattern": report["prune"]["pattern"],
                    "target_sparsity": report["prune"]["target_sparsity"],
                    "realised_sparsity": round(report["prune"]["overall_sparsity"], 6)}
+        schedule = report["prune"].get("schedule") or {}
+        if schedule.get("name", "uniform") != "uniform":
+            summary["schedule"] = schedule["name"]
+            summary["realised_per_layer_sparsity"] = [round(x, 4) for x in report["prune"]["per_layer_sparsity"]]
         title = f"{report['prune']['pattern']}, {report['prune']['overall_sparsity']:.1%} of decoder linear weights removed"
         storage = ("Unstructured and N:M sparsity is stored dense, with zeros in the removed positions: no "
                    "sparse checkpoint format is written, so the files are as large as the base model's and "
