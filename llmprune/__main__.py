@@ -30,6 +30,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m llmprune", description="Prune a Hugging Face causal LM and measure it.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="a YAML recipe (model, data, stages); flags given here override its fields")
     p.add_argument("--model", required=True,
                    help="Hub id, local HF folder, or built-in alias: llama / smollm2 (SmolLM2-135M, offline)")
     p.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt | structured (default wanda)")
@@ -73,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="commit every finished layer to DIR; rerunning the same command resumes there "
                         "(a different command is refused); DIR is deleted once the output is written")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the output folder to this Hugging Face Hub repository (token: HF_TOKEN or "
+                        "`hf auth login`); the local folder is written first and kept either way")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -88,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if argv and argv[0] in SUBCOMMANDS:  # python -m llmprune sweep|eval ...
             return SUBCOMMANDS[argv[0]](argv[1:])
+        if any(a == "--recipe" or a.startswith("--recipe=") for a in argv):
+            from .pipeline import run_recipe_command
+
+            run_recipe_command(argv, build_parser())
+            return 0
         args = build_parser().parse_args(argv)
         from .cli import run
 
-        run(**{k.replace("-", "_"): v for k, v in vars(args).items()}, argv=argv)
+        run(**{k.replace("-", "_"): v for k, v in vars(args).items() if k != "recipe"}, argv=argv)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
         gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1, speed: bool = False,
         checkpoint_dir: str | None = None, schedule: str = "uniform", owl_m: float = 5.0,
-        owl_lambda: float = 0.08) -> dict:
+        owl_lambda: float = 0.08, push_to_hub: str | None = None, private: bool = False) -> dict:
     started = time.perf_counter()
     progress = not no_progress
     if no_progress:
@@ -118,6 +118,10 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
+    if push_to_hub:
+        from .publish import check_repo_id
+
+        check_repo_id(push_to_hub)
 
     timings = {}
     t = time.perf_counter()
@@ -249,4 +253,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
              ("output", str(folder))]
     print("\nllmprune summary", flush=True)
     print(_summary(rows), flush=True)
+    if push_to_hub:  # after the local folder is complete; a failure leaves it as it is
+        from .publish import push_folder
+
+        print(f"  published  {push_folder(folder, push_to_hub, private=private)}", flush=True)
     return run_report

@@ -75,13 +75,14 @@ def _name_max(folder: Path) -> int:
 
 
 def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card: str,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, extra_files=None) -> Path:
     """Write model + tokenizer + README.md + llmprune.json to ``target`` atomically.
 
     Killed at any moment, ``target`` is absent, the old folder (when replacing one) or the complete
     new one. Ctrl-C (KeyboardInterrupt) removes the temporary folder; an interrupt that arrives
     while the folder is being put in place is held until that is done. A failed write (disk full,
     permission lost) raises OutputError with nothing left behind and an old folder kept.
+    extra_files(folder): writes more files into the temporary folder before it is put in place.
     """
     remove_stale_temporaries(Path(target).expanduser().resolve())
     target = check_output_folder(target, overwrite)
@@ -100,6 +101,8 @@ def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card:
         _test_pause()
         if getattr(model.config, "llmprune_layer_sizes", None):  # uneven layers: ship the modelling file
             shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", tmp / "modeling_llmprune.py")
+        if extra_files is not None:
+            extra_files(tmp)
         _write_text(tmp / "README.md", card)
         _test_pause()
         _write_text(tmp / "llmprune.json", json.dumps(report, indent=2, default=str) + "\n")
