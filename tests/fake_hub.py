@@ -1,7 +1,8 @@
 """A loopback HTTP server that stands in for the Hugging Face Hub's upload API, for tests.
 
 It answers the requests huggingface_hub's HfApi.create_repo + upload_folder make on the LFS
-path (HF_HUB_DISABLE_XET set): POST /api/repos/create, POST /api/models/{repo}/preupload/{rev},
+path (HF_HUB_DISABLE_XET set): POST /api/repos/create, POST /api/validate-yaml (README.md
+metadata), POST /api/models/{repo}/preupload/{rev},
 POST /{repo}.git/info/lfs/objects/batch, PUT of each LFS object to the URL the batch answer
 gives, POST /api/models/{repo}/commit/{rev} (NDJSON). Anything else is answered 404 and
 recorded in ``unknown``. ``refuse`` makes repository creation answer 403, as the Hub does for a
@@ -26,6 +27,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.unknown: list[tuple[str, str]] = []
         self.authorizations: set[str] = set()
+        self.card_metadata: list[dict] = []  # README.md front matter sent to /api/validate-yaml
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,6 +82,18 @@ class FakeHub:
                     hub.repos.setdefault(repo_id, {"visibility": request.get("visibility"),
                                                    "private": request.get("private"), "files": {}})
                     return self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": "0" * 24})
+                if path == "/api/validate-yaml":  # the client checks README.md's metadata before a commit
+                    if not self._authorised():
+                        return
+                    import yaml
+
+                    content = json.loads(body)["content"]
+                    try:
+                        front = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else {}
+                    except yaml.YAMLError:
+                        return self._send(400, {"errors": [{"message": "invalid YAML"}]}, "invalid YAML")
+                    hub.card_metadata.append(front)
+                    return self._send(200, {"errors": [], "warnings": []})
                 if "/preupload/" in path:
                     if not self._authorised():
                         return
