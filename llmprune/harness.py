@@ -15,7 +15,7 @@ INSTALL_HINT = "pip install lm_eval (or: pip install 'llmprune[eval]')"
 
 def lm_eval_available() -> bool:
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401  (availability probe)
     except ImportError:
         return False
     return True

@@ -163,7 +163,9 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
                 dynamic_model, dynamic_report = make_dynamic(lm, calibration, **options, device=compute,
                                                              batch_size=batch_size, progress=progress)
                 report = dynamic_report.as_dict() if hasattr(dynamic_report, "as_dict") else dict(dynamic_report)
-                final = dynamic_model
+                # The wrapper is measured like any model when it is a torch module (issue 4's
+                # make_dynamic contract); otherwise the static model underneath is.
+                final = dynamic_model if isinstance(dynamic_model, torch.nn.Module) else lm
             stage_reports.append({"kind": kind, "method": stage["method"], "options": options,
                                   "seconds": time.perf_counter() - t, "report": report})
     timings["prune_s"] = sum(s["seconds"] for s in stage_reports)

@@ -227,7 +227,7 @@ def markdown_table(results: dict) -> str:
     lines = [_setup_line(results), "",
              "Perplexity (lower is better); realised sparsity of the decoder linear weights in brackets.", "",
              "| sparsity | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods),
-             f"| 0 (dense) | " + " | ".join(f"{results['dense']['perplexity']:.2f}" for _ in methods) + " |"]
+             "| 0 (dense) | " + " | ".join(f"{results['dense']['perplexity']:.2f}" for _ in methods) + " |"]
     for label in labels:
         row = []
         for method in methods:
