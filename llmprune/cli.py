@@ -118,6 +118,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
+    if private and not push_to_hub:
+        raise UsageError("--private applies to --push-to-hub, which was not given")
     if push_to_hub:
         from .publish import check_repo_id
 

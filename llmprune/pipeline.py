@@ -97,6 +97,8 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
     push = settings.get("push_to_hub")
+    if settings.get("private") and not push:
+        raise UsageError("--private applies to --push-to-hub, which was not given")
     if push:
         from .publish import check_repo_id
 

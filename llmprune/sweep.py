@@ -120,7 +120,6 @@ def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, ca
         check_owl_options(owl_m, owl_lambda)
     data.check_sources(calib_data)
     data.check_sources(eval_data)
-    folder.mkdir(parents=True, exist_ok=True)
 
     t = time.perf_counter()
     lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -168,6 +167,7 @@ def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, ca
     }
 
     def save_json() -> None:
+        folder.mkdir(parents=True, exist_ok=True)  # only once there is something to write
         _write_atomic(folder / "sweep.json",
                       lambda p: p.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"))
 
