@@ -13,7 +13,12 @@ import torch
 
 from . import __version__, data
 from .api import check_device, check_pattern_fits, prune
-from .cli import _check_calibration_fits, _summary
+from .cli import _summary
+
+try:  # a build that estimates memory before loading (llmprune.scale) has no such check here
+    from .cli import _check_calibration_fits
+except ImportError:
+    _check_calibration_fits = None
 from .errors import UsageError
 from .evaluate import count_parameters, measure_speed, perplexity, tokenizer_adds_bos, weight_bytes
 from .memory import PeakRSS
@@ -120,7 +125,7 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
     nsamples, seqlen, seed = settings["nsamples"], settings["seqlen"], settings["seed"]
     batch_size = settings.get("batch_size", 1)
     needs_data = any(_stage_needs_data(s) for s in stages)
-    if needs_data:
+    if needs_data and _check_calibration_fits is not None:
         _check_calibration_fits(nsamples, seqlen, lm, compute)
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_data else None
     evaluation = None
@@ -203,7 +208,10 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
                                "seqlen": seqlen if needs_data else 0}
     if structured is not None and unstructured is None:
         run_report["structured"] = structured["report"]
-    card = model_card(base_model_id(model), run_report) + recipe_card_section(run_report)
+    if unstructured is None and structured is None:  # dynamic only: nothing was removed
+        card = _dynamic_card(base_model_id(model), run_report) + recipe_card_section(run_report)
+    else:
+        card = model_card(base_model_id(model), run_report) + recipe_card_section(run_report)
 
     def extra_files(folder: Path) -> None:
         (folder / RECIPE_FILE).write_text(recipe["yaml"], encoding="utf-8")
@@ -238,6 +246,25 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
         url = push_folder(folder, push, private=bool(settings.get("private")))
         print(f"  published  {url}", flush=True)
     return run_report
+
+
+def _dynamic_card(base_model: str, report: dict) -> str:
+    """Model card of a run whose only stage is dynamic: no weight was removed."""
+    import yaml
+
+    ppl = report.get("perplexity", {})
+    front = {"base_model": base_model, "library_name": "transformers", "tags": ["llmprune", "dynamic"],
+             "llmprune": {"method": report["prune"]["method"],
+                          **({"perplexity": {k: round(v["perplexity"], 4) for k, v in ppl.items()}} if ppl else {})}}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {Path(base_model).name} with a dynamic stage", "",
+             f"Made by [llmprune](https://pypi.org/project/llmprune/) from `{base_model}`. No weight was removed; "
+             "the dynamic files in this folder decide per token how much of the network runs.", ""]
+    if ppl:
+        lines += [f"Perplexity {ppl['dense']['perplexity']:.3f} -> {ppl['pruned']['perplexity']:.3f} on "
+                  f"{report.get('eval_data')}. Protocol: {ppl['dense']['protocol']}.", ""]
+    lines += [f"Command: `{report.get('command', '')}`", "", "Details are in `llmprune.json`.", ""]
+    return "\n".join(lines)
 
 
 def recipe_card_section(report: dict) -> str:

@@ -65,7 +65,7 @@ def _field_types(parser: argparse.ArgumentParser) -> dict:
             kinds[action.dest] = action.type
         else:
             kinds[action.dest] = str
-    kinds.update(sparsity="number", schedule="schedule", heads=float, ffn=float)
+    kinds.update(sparsity="number", schedule="schedule", heads=float, ffn=float, exit_layers="int_list")
     for name, kind in DYNAMIC_TYPES.items():
         kinds.setdefault(name, kind)
     return kinds
