@@ -256,13 +256,16 @@ def plot(results: dict, path: Path) -> None:
         if line:
             xs, ys = zip(*([(0.0, dense)] + line))
             ax.plot(xs, ys, marker="o", color=colour, label=method)
-        for r in results["runs"]:
-            if r["method"] != method or (r["pattern"] == "unstructured" and r["schedule"] == "uniform"):
-                continue
-            owl = r["schedule"] != "uniform"
-            ax.scatter([r["target_sparsity"]], [r["perplexity"]], color=colour, zorder=3, s=70 if owl else 45,
-                       marker="*" if owl else markers.get(r["pattern"], "^"),
-                       label=f"{method} {r['schedule'] if owl else r['pattern']}")
+        owl = sorted((r["target_sparsity"], r["perplexity"]) for r in results["runs"]
+                     if r["method"] == method and r["schedule"] != "uniform")
+        if owl:  # the OWL schedule: a dashed line (or one star) in the method's colour
+            xs, ys = zip(*owl)
+            ax.plot(xs, ys, linestyle="--", marker="*", markersize=11, color=colour, label=f"{method} owl")
+        for pattern in dict.fromkeys(r["pattern"] for r in results["runs"] if r["pattern"] != "unstructured"):
+            points = [r for r in results["runs"] if r["method"] == method and r["pattern"] == pattern]
+            if points:
+                ax.scatter([r["target_sparsity"] for r in points], [r["perplexity"] for r in points], color=colour,
+                           zorder=3, s=45, marker=markers.get(pattern, "^"), label=f"{method} {pattern}")
     ax.axhline(dense, color="grey", linestyle="--", linewidth=1, label=f"dense ({dense:.1f})")
     ax.set_yscale("log")
     ax.set_xlabel("sparsity of decoder linear weights")
