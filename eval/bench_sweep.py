@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--from-json", default=None, help="only redraw the table and the plot from this JSON")
+    parser.add_argument("--resume", default=None, metavar="JSON",
+                        help="a partial results file of the same settings: run only what it lacks, coarse grid first")
     args = parser.parse_args()
 
     from llmprune.sweep import SweepRun, markdown_table, plan_runs, plot, run_sweep
@@ -53,6 +55,13 @@ def main() -> int:
         grid = plan_runs(["magnitude", "wanda", "sparsegpt"], [round(0.1 * k, 1) for k in range(1, 9)],
                          ["2:4", "4:8"], ["uniform"])
         runs = first + [r for r in grid if r not in first]
+        previous = json.loads(Path(args.resume).read_text()) if args.resume else None
+        if previous:  # skip what was measured; then a coarse pass over every method and pattern first
+            done = {(r["method"], r["pattern"], r["schedule"], round(r["target_sparsity"], 6)) for r in previous["runs"]}
+            runs = [r for r in runs if (r.method, r.pattern, r.schedule, round(r.sparsity, 6)) not in done]
+            priority = ["0.50", "2:4", "4:8", "0.80", "0.60", "0.40", "0.20", "0.30", "0.10", "0.70"]
+            runs.sort(key=lambda r: (priority.index(r.label) if r.label in priority else 99,
+                                     ["magnitude", "wanda", "sparsegpt"].index(r.method)))
         work = Path(tempfile.mkdtemp(prefix="bench_sweep-"))
         try:
             results = run_sweep(
@@ -64,7 +73,16 @@ def main() -> int:
         finally:
             partial = work / "out" / "sweep.json"
             if partial.exists():
+                if previous:  # one results file: the earlier runs, then these
+                    merged = json.loads(partial.read_text())
+                    merged["runs"] = previous["runs"] + merged["runs"]
+                    merged["owl"] = previous.get("owl") or merged.get("owl")
+                    merged["timings"]["total_s"] = (previous["timings"].get("total_s") or 0) + \
+                        merged["timings"].get("total_s", 0)
+                    merged["timings"]["resumed"] = True
+                    partial.write_text(json.dumps(merged, indent=2) + "\n")
                 shutil.copyfile(partial, RESULTS / "bench_sweep.json")
+                results = json.loads(partial.read_text())
             shutil.rmtree(work, ignore_errors=True)
     results["model"] = "SmolLM2-135M (built-in llama)" if results["model"] == "llama" else results["model"]
     (RESULTS / "bench_sweep.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -191,7 +191,8 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
                             outlier_ratios=outlier_ratios)
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = prune_checkpoint(checkpoint, model, calibration, method, target, nm, batch_size,
-                                      {**(run_identity or {}), "schedule": plan.as_dict()}, **method_options)
+                                      {**(run_identity or {}), **({} if plan.name == "uniform" else
+                                                                   {"schedule": plan.as_dict()})}, **method_options)
     per_layer_target = plan.per_layer if plan.name != "uniform" else target
     record = prune_layerwise(model, adapter, pruner, per_layer_target, nm, calibration, torch.device(device),
                              batch_size=batch_size, progress=progress, checkpoint=checkpoint)

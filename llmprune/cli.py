@@ -158,7 +158,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         if structured:
             checkpoint = structured_checkpoint(checkpoint_dir, lm, calibration, structured_options, batch_size, identity)
         else:
-            identity["schedule"] = {"schedule": schedule, "owl_m": owl_m, "owl_lambda": owl_lambda}
+            if schedule != "uniform":
+                identity["schedule"] = {"schedule": schedule, "owl_m": owl_m, "owl_lambda": owl_lambda}
             checkpoint = prune_checkpoint(checkpoint_dir, lm, calibration, method, target, nm, batch_size,
                                           identity, **options)
 
