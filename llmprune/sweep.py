@@ -219,7 +219,8 @@ def _setup_line(results: dict) -> str:
 
 def markdown_table(results: dict) -> str:
     """Perplexity, rows = sparsity / pattern / schedule, columns = methods."""
-    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    seen = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    methods = [m for m in METHODS if m in seen] + [m for m in seen if m not in METHODS]
     labels = list(dict.fromkeys(r["label"] for r in sorted(
         results["runs"], key=lambda r: (r["pattern"] != "unstructured", r["schedule"] != "uniform",
                                         r["target_sparsity"], r["pattern"]))))
