@@ -250,7 +250,8 @@ def plot(results: dict, path: Path) -> None:
     dense = results["dense"]["perplexity"]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = {"2:4": "s", "4:8": "D"}
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in results["runs"])):
+    seen = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    for i, method in enumerate([m for m in METHODS if m in seen] + [m for m in seen if m not in METHODS]):
         colour = colours[i % len(colours)]
         line = sorted((r["target_sparsity"], r["perplexity"]) for r in results["runs"]
                       if r["method"] == method and r["pattern"] == "unstructured" and r["schedule"] == "uniform")
