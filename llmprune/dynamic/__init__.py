@@ -1,0 +1,1 @@
+"""Dynamic inference: early exit and MLP skipping, calibrated post-training."""
