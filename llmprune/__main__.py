@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a YAML recipe (model, data, stages); flags given here override its fields")
     p.add_argument("--model", required=True,
                    help="Hub id, local HF folder, or built-in alias: llama / smollm2 (SmolLM2-135M, offline)")
-    p.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt | structured (default wanda)")
+    p.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt | structured | dynamic (default wanda)")
     p.add_argument("--sparsity", default=None,
                    help="fraction of each decoder linear layer removed, 0 <= s < 1 (default 0.5; N/M with --pattern)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4, 4:8")
@@ -70,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="groups: remove whole KV groups | queries: remove query heads evenly per group")
     g.add_argument("--round-to", type=int, default=1, help="keep FFN widths a multiple of N")
     g.add_argument("--round-heads-to", type=int, default=1, help="keep query-head counts a multiple of N")
+    d = p.add_argument_group("dynamic inference (--method dynamic)")
+    d.add_argument("--early-exit", action="store_true",
+                   help="tokens may stop at an exit layer (the default when no dynamic mode is named)")
+    d.add_argument("--token-skip", action="store_true", help="tokens may skip a layer's MLP (fitted routers)")
+    d.add_argument("--max-ppl-increase", type=float, default=None,
+                   help="calibrate to at most this relative perplexity increase (default 0.05 = 5%%)")
+    d.add_argument("--min-agreement", type=float, default=None,
+                   help="calibrate to at least this top-1 agreement with the full model, e.g. 0.95")
+    d.add_argument("--exit-layers", default=None, metavar="LIST",
+                   help="layer counts after which tokens may exit, e.g. 8,12,16 (default every 2nd from L/4)")
+    d.add_argument("--lossless", action="store_true",
+                   help="self-speculative decoding: the full model's greedy tokens, exactly")
     p.add_argument("--speed", action="store_true", help="measure prefill/decode tokens/s before and after "
                    "(always on for structured)")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR",

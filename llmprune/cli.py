@@ -70,7 +70,9 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
         gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1, speed: bool = False,
         checkpoint_dir: str | None = None, schedule: str = "uniform", owl_m: float = 5.0,
-        owl_lambda: float = 0.08, push_to_hub: str | None = None, private: bool = False) -> dict:
+        owl_lambda: float = 0.08, push_to_hub: str | None = None, private: bool = False,
+        early_exit: bool = False, token_skip: bool = False, max_ppl_increase: float | None = None,
+        min_agreement: float | None = None, exit_layers: str | None = None, lossless: bool = False) -> dict:
     started = time.perf_counter()
     progress = not no_progress
     if no_progress:
@@ -79,8 +81,28 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         transformers.utils.logging.disable_progress_bar()
     # Everything that can be checked without the model is checked first.
     structured = method == "structured"
-    if method not in METHODS and not structured:
-        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join([*METHODS, 'structured'])}")
+    if method not in METHODS and not structured and method != "dynamic":
+        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join([*METHODS, 'structured', 'dynamic'])}")
+    if method != "dynamic" and (early_exit or token_skip or lossless or exit_layers is not None
+                                or max_ppl_increase is not None or min_agreement is not None):
+        raise UsageError("--early-exit, --token-skip, --lossless, --exit-layers, --max-ppl-increase and "
+                         "--min-agreement belong to --method dynamic")
+    if method == "dynamic":
+        from .dynamic.command import run_dynamic
+
+        if checkpoint_dir is not None:
+            raise UsageError("--checkpoint-dir is not supported by --method dynamic (its calibration is two passes)")
+        for name, value, minimum in (("nsamples", nsamples, 1), ("seqlen", seqlen, 2), ("eval-seqlen", eval_seqlen, 2),
+                                     ("eval-tokens", eval_tokens, 0), ("batch-size", batch_size, 1)):
+            _positive(name, value, minimum)
+        compute = check_device(device)
+        dtype = ("bfloat16" if compute.type == "cuda" else "float32") if dtype == "auto" else dtype
+        return run_dynamic(model=model, calib_data=calib_data, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           eval_data=eval_data, eval_seqlen=eval_seqlen, eval_tokens=eval_tokens, output=output,
+                           overwrite=overwrite, compute=compute, dtype=dtype, batch_size=batch_size,
+                           trust_remote_code=trust_remote_code, progress=progress, argv=argv, early_exit=early_exit,
+                           token_skip=token_skip, max_ppl_increase=max_ppl_increase, min_agreement=min_agreement,
+                           exit_layers=exit_layers, lossless=lossless, speed=speed, default_output=_default_output)
     nm = parse_pattern(pattern)
     explicit = sparsity is not None
     if sparsity is None:

@@ -34,6 +34,17 @@ def expected_speedup(acceptance: float, draft_tokens: int, draft_cost: float, ve
     return expected_tokens(acceptance, draft_tokens) / (draft_tokens * draft_cost + verify_cost)
 
 
+def _crop(cache, length: int) -> None:
+    """Keep the first ``length`` positions in every layer of the cache (layers may hold different
+    counts: drafting writes only the layers below the draft exit)."""
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+        elif getattr(layer, "is_sliding", False) and getattr(layer, "is_initialized", False):
+            layer.crop(0)  # a sliding-window layer recording its past: back to the window
+
+
 def _plain_step(model, state, token, cache):
     state.mode = "full"
     return model(input_ids=token.view(1, 1), cache=cache, use_cache=True).logits[0, -1].argmax()
@@ -59,6 +70,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, mi
         emitted = [token]
         cached = input_ids.shape[1]
         drafting = bool(draft.get("drafting"))
+        if drafting:  # sliding-window layers must keep what a rejected draft pushed out of the window
+            cache.activate_past_recording()
         rounds = drafted = accepted = 0
 
         def done():
@@ -76,14 +89,14 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, mi
             for _ in range(k):
                 feed = model(input_ids=feed.view(1, 1), cache=cache, use_cache=True).logits[0, -1].argmax()
                 drafts.append(feed)
-            cache.crop(cached)
+            _crop(cache, cached)
             state.mode = "full"
             verify = torch.stack([token, *drafts])[None]                         # [1, k + 1]
             choices = model(input_ids=verify, cache=cache, use_cache=True).logits[0].argmax(-1)  # [k + 1]
             m = 0
             while m < k and int(drafts[m]) == int(choices[m]):
                 m += 1
-            cache.crop(cached + 1 + m)
+            _crop(cache, cached + 1 + m)
             cached += 1 + m
             new = [*drafts[:m], choices[m]]
             for item in new:  # stop at an end-of-sequence token, as plain decoding would
@@ -149,7 +162,7 @@ def _step_seconds(model, state, mode, prompt, feed_tokens, repeats=3):
     for _ in range(repeats + 1):
         state.mode = "full"
         cache = DynamicCache(config=model.config)
-        model(input_ids=prompt, cache=cache, use_cache=True)
+        model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
         state.mode = mode
         feed = prompt[:, :feed_tokens]
         if feed.device.type == "cuda":

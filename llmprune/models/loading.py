@@ -134,6 +134,11 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
         text = text if len(text) <= 300 else text[:297] + "..."
         why = "the Hugging Face Hub is unreachable and it is not in the local cache" if local_only else text
         raise UsageError(f"cannot load model {name!r}: {why}") from None
+    if hasattr(model, "llmprune_dynamic"):  # a dynamic folder loaded with trust_remote_code: work on the static model
+        from ..dynamic import detach
+
+        detach(model)
+    drop_dynamic_auto_map(model.config)
     model.eval()
     return model, tokenizer
 
@@ -178,10 +183,36 @@ def remote_code(source: str, local_only: bool = True) -> list[str]:
                 module = reference.rsplit(".", 1)[0] + ".py"
                 if own and not repo and module == "modeling_llmprune.py":
                     continue
+                if not repo and module == DYNAMIC_MODELING and _family_type(config.get("model_type")):
+                    continue  # llmprune.dynamic's loader: without trust_remote_code the static model loads
                 module = f"{repo}:{module}" if repo else module
                 if module not in found:
                     found.append(module)
     return found
+
+
+DYNAMIC_MODELING = "modeling_llmprune_dynamic.py"
+
+
+def _family_type(model_type) -> bool:
+    """A model type whose modelling code comes with transformers or llmprune (never from a folder)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .modeling_llmprune import PREFIX
+
+    return isinstance(model_type, str) and (model_type in CONFIG_MAPPING or model_type.startswith(PREFIX))
+
+
+def drop_dynamic_auto_map(config) -> None:
+    """A dynamic folder loaded as its static model: forget the loader named by ``auto_map``, so that
+    saving the model again does not name a file the new folder lacks."""
+    auto_map = getattr(config, "auto_map", None)
+    if isinstance(auto_map, dict):
+        kept = {k: v for k, v in auto_map.items() if not str(v).startswith(DYNAMIC_MODELING[:-3] + ".")}
+        if kept:
+            config.auto_map = kept
+        elif len(kept) != len(auto_map):
+            del config.auto_map
 
 
 def _is_hub_id(text: str) -> bool:
