@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, tiny_model
-from llmprune.dynamic import (DynamicState, attach, calibrate, detach, fit, load_dynamic, make_dynamic,
+from llmprune.dynamic import (DynamicState, attach, detach, fit_dynamic, load_dynamic, make_dynamic,
                               save_dynamic)
 from llmprune.dynamic import modeling_llmprune_dynamic as runtime
 from llmprune.errors import UsageError
@@ -110,7 +110,7 @@ def test_key_value_fill_writes_what_the_layer_writes(arch):
 
 def test_exit_maps_fit_the_last_layer_better_than_no_map(text_ids):
     model, ids = text_ids
-    fitted = fit(model, ids, [1, 2], progress=False)
+    fitted = fit_dynamic(model, ids, [1, 2], progress=False)
     from llmprune.dynamic.fit import _Recorder
 
     recorder = _Recorder(model, mlp=False)
@@ -122,7 +122,7 @@ def test_exit_maps_fit_the_last_layer_better_than_no_map(text_ids):
         mapped = h @ fitted.maps[f"map.{e}.weight"].T + fitted.maps[f"map.{e}.bias"]
         assert (mapped - last).norm() < 0.8 * (h - last).norm()
     table = fitted.table  # maps also raise the exits' agreement with the full model
-    plain = fit(model, ids, [1, 2], progress=False, fit_maps=False).table
+    plain = fit_dynamic(model, ids, [1, 2], progress=False, fit_maps=False).table
     assert table.agree[:, 0].float().mean() > plain.agree[:, 0].float().mean()
 
 

@@ -31,7 +31,7 @@ from .modeling_llmprune_dynamic import (CONFIG_NAME, LOADER_NAME, MODELING_NAME,
                                         LlmpruneDynamicForCausalLM)
 
 __all__ = ["DynamicReport", "DynamicState", "Fitted", "attach", "calibrate", "default_exit_layers", "detach",
-           "fit", "load_dynamic", "make_dynamic", "measure", "parse_exit_layers", "save_dynamic"]
+           "fit_dynamic", "load_dynamic", "make_dynamic", "measure", "parse_exit_layers", "save_dynamic"]
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
@@ -116,14 +116,15 @@ class DynamicReport:
 
 # -- fitting ----------------------------------------------------------------------------------------
 
-def fit(model: nn.Module, calibration_ids: torch.Tensor, exit_layers=None, *, device=None, batch_size: int = 1,
+def fit_dynamic(model: nn.Module, calibration_ids: torch.Tensor, exit_layers=None, *, device=None, batch_size: int = 1,
         progress: bool = True, fit_maps: bool = True, probe_windows: int = 8, holdout_windows: int | None = None,
         stats: _fit.Pass1 | None = None) -> Fitted:
     """Fit maps, routers and probes; keep the exit table and the holdout for threshold choice.
 
-    Windows: all calibration windows feed the maps and routers; the last ``holdout_windows``
-    (default a quarter, at most 4, at least 1) are where thresholds are chosen and verified; the
-    probes are fitted on up to ``probe_windows`` other windows (all of them when only one exists).
+    Windows: the last ``holdout_windows`` (default a quarter, at most 4, at least 1) are where
+    thresholds are chosen and verified; all others feed the maps and routers, and the first
+    ``probe_windows`` of them the probes (with a single window, it serves for everything).
+    ``stats``: pass-1 statistics of those other windows (``fit.collect``), to share between fits.
     """
     from ..api import check_batch_size, check_calibration, check_device
 
@@ -142,9 +143,8 @@ def fit(model: nn.Module, calibration_ids: torch.Tensor, exit_layers=None, *, de
     holdout = calibration_ids[n - holdout_windows:]
     probing = fitting[:probe_windows]
     model.eval()
-    if stats is None:
-        stats = _fit.collect(model, calibration_ids, exit_layers, batch_size=batch_size, device=device,
-                             progress=progress)
+    if stats is None:  # maps and routers never see the holdout: it must measure what they do on new text
+        stats = _fit.collect(model, fitting, exit_layers, batch_size=batch_size, device=device, progress=progress)
     maps = _fit.solve_maps(stats) if fit_maps else {}
     routers = _fit.solve_routers(stats)
     table = _fit.exit_table(model, torch.cat([probing, holdout]), exit_layers, maps, routers, device=device,
@@ -331,7 +331,7 @@ def make_dynamic(model: nn.Module, calibration_ids: torch.Tensor, *, early_exit:
     from ..models.adapters import adapter_for
 
     adapter_for(model)
-    fitted = fit(model, calibration_ids, exit_layers, device=device, batch_size=batch_size, progress=progress,
+    fitted = fit_dynamic(model, calibration_ids, exit_layers, device=device, batch_size=batch_size, progress=progress,
                  fit_maps=maps)
     return calibrate(model, fitted, early_exit=early_exit, token_skip=token_skip, max_ppl_increase=max_ppl_increase,
                      min_agreement=min_agreement, lossless=lossless, device=device, maps=maps)
