@@ -105,3 +105,29 @@ def test_structured_global_queries_layers_round_to_on_the_real_model(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_dynamic_smollm2_meets_its_target_and_saves(smollm2_folder, tmp_path):
+    """Early exit on the real model: fitted maps let tokens leave early within a 5% perplexity
+    budget on held-out calibration text; the folder loads static plainly and dynamic via llmprune."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmprune import data
+    from llmprune.dynamic import load_dynamic, make_dynamic, save_dynamic
+    from llmprune.save import save_folder
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    ids = data.calibration_ids(tokenizer, [str(AUSTEN / "emma.txt.gz")], 6, 256, 0)
+    probe = ids[:1, :32]
+    base = model(probe).logits
+    _, report = make_dynamic(model, ids, max_ppl_increase=0.05, exit_layers="15,20,25", progress=False)
+    cal = report.calibration
+    assert report.target_met and cal["ppl_ratio"] <= 1.05 and cal["avg_layers"] < 30
+    out = model.generate(probe, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    folder = save_folder(model, tokenizer, tmp_path / "dyn", {"prune": {"method": "dynamic"}}, "card",
+                         extra_files=lambda tmp: save_dynamic(model, tmp))
+    static = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(static(probe).logits, base)
+    loaded = load_dynamic(folder)
+    assert torch.equal(loaded.generate(probe, max_new_tokens=4, do_sample=False, pad_token_id=0), out)
