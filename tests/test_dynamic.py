@@ -260,6 +260,14 @@ def test_a_pruned_model_can_be_made_dynamic(text_ids):
     assert report.target_met
 
 
+def test_bfloat16_model_is_calibrated_in_its_own_dtype(text_ids):
+    model, ids = text_ids
+    half = tiny_model("llama", num_hidden_layers=4).to(torch.bfloat16)
+    _, report = make_dynamic(half, ids, max_ppl_increase=0.1, progress=False)
+    assert report.target_met
+    assert half(ids[:1, :8]).logits.dtype == torch.bfloat16
+
+
 def test_refusals_are_usage_errors(text_ids):
     model, ids = text_ids
     with pytest.raises(UsageError, match="exit-layers"):

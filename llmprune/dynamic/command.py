@@ -72,7 +72,10 @@ def run_dynamic(*, model: str, calib_data, nsamples: int, seqlen: int, seed: int
         if ppl is not None and state is not None:
             ppl["avg_layers"] = state.summary()["avg_layers"]
             ppl["mlp_skip_fraction"] = state.summary()["mlp_skip_fraction"]
-        return ppl, (measure_speed(lm, compute, new_tokens=128) if speed else None)
+        speeds = measure_speed(lm, compute, new_tokens=128) if speed else None
+        if speeds is not None and state is not None and state.stats["drafted"]:  # lossless with drafting
+            speeds["draft_acceptance"] = state.stats["accepted"] / state.stats["drafted"]
+        return ppl, speeds
 
     perplexities, speeds = {}, {}
     perplexities["dense"], speeds["dense"] = evaluate()
@@ -118,8 +121,10 @@ def run_dynamic(*, model: str, calib_data, nsamples: int, seqlen: int, seed: int
         rows.append(("perplexity", f"{perplexities['dense']['perplexity']:.2f} -> "
                                    f"{perplexities['dynamic']['perplexity']:.2f}  [{perplexities['dense']['protocol']}]"))
     if speeds:
+        accepted = speeds["dynamic"].get("draft_acceptance")
         rows.append(("decode", f"{speeds['dense']['decode_tokens_per_s']:.1f} -> "
-                               f"{speeds['dynamic']['decode_tokens_per_s']:.1f} tokens/s"))
+                               f"{speeds['dynamic']['decode_tokens_per_s']:.1f} tokens/s"
+                               + (f" (draft acceptance {accepted:.2f})" if accepted is not None else "")))
     rows += [("time", f"total {time.perf_counter() - started:.1f} s"), ("output", str(folder))]
     width = max(len(k) for k, _ in rows)
     print("\nllmprune summary", flush=True)

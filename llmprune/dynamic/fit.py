@@ -159,7 +159,8 @@ class ExitTable:
 
 def _logits(model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
     """LM head on final-normed states [N, H] -> [N, V] float32, with the family's logit soft-capping."""
-    logits = model.get_output_embeddings()(normed).float()
+    head = model.get_output_embeddings()
+    logits = head(normed.to(head.weight.dtype)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
