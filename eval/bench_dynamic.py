@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--holdout", type=int, default=4, help="calibration windows thresholds are chosen on")
-    parser.add_argument("--probe-windows", type=int, default=6)
+    parser.add_argument("--probe-windows", type=int, default=8)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -206,9 +206,13 @@ def exit_table(model: nn.Module, ids: torch.Tensor, exit_layers: list[int], maps
                      router_values=torch.cat(router_values) if router_values else torch.empty(0))
 
 
-def fit_probes(table: ExitTable, rows: torch.Tensor, ridge: float = 1e-3) -> dict:
+def fit_probes(table: ExitTable, rows: torch.Tensor, ridge: float = 1.0) -> dict:
     """{probe.e.weight [H], probe.e.bias []}: least-squares estimate of P(exit top-1 == full top-1)
-    from norm(h_e), fitted on the table rows selected by the bool mask ``rows`` [N]."""
+    from norm(h_e), fitted on the table rows selected by the bool mask ``rows`` [N].
+
+    The ridge is strong (1 x the mean feature energy): on SmolLM2 with 3k probe tokens, 1e-3 gave
+    a training AUC of 0.83 but 0.65 on held-out windows; 1.0 gave about 0.70 held out (0.1: 0.69,
+    10: 0.66), and a better perplexity/layers curve."""
     tensors = {}
     for j, e in enumerate(table.exit_layers):
         x = _with_one(table.features[rows, j].double())
