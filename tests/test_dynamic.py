@@ -281,20 +281,25 @@ def test_refusals_are_usage_errors(text_ids):
     assert not hasattr(model, "llmprune_dynamic")
 
 
-def test_cli_dynamic_run_writes_a_loadable_folder(tiny_folder, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--early-exit", "--token-skip", "--max-ppl-increase", "0.1"],
+                                   ["--lossless"]])
+def test_cli_dynamic_run_writes_a_loadable_folder(tiny_folder, text_file, tmp_path, capsys, flags):
     from llmprune.__main__ import main
 
     out = tmp_path / "out"
-    code = main(["--model", str(tiny_folder), "--method", "dynamic", "--early-exit", "--token-skip",
-                 "--max-ppl-increase", "0.1", "--calib-data", str(text_file), "--nsamples", "6", "--seqlen", "48",
-                 "--eval-data", str(text_file), "--eval-tokens", "256", "--eval-seqlen", "64", "--output", str(out),
-                 "--no-progress"])
+    code = main(["--model", str(tiny_folder), "--method", "dynamic", *flags, "--calib-data", str(text_file),
+                 "--nsamples", "6", "--seqlen", "48", "--eval-data", str(text_file), "--eval-tokens", "256",
+                 "--eval-seqlen", "64", "--output", str(out), "--no-progress"])
     assert code == 0
     report = json.loads((out / "llmprune.json").read_text())
-    assert report["dynamic"]["token_skip"] and report["dynamic"]["early_exit"]
     assert "dynamic" in report["perplexity"] and "llmprune summary" in capsys.readouterr().out
     loaded = load_dynamic(out)
-    assert loaded.llmprune_dynamic.settings["skip_threshold"] == report["dynamic"]["skip_threshold"]
+    if "--lossless" in flags:  # exact: the same perplexity as the full model
+        assert report["dynamic"]["lossless"] and loaded.llmprune_dynamic.settings["lossless"] == report["dynamic"]["draft"]
+        assert report["perplexity"]["dynamic"]["perplexity"] == pytest.approx(report["perplexity"]["dense"]["perplexity"])
+    else:
+        assert report["dynamic"]["token_skip"] and report["dynamic"]["early_exit"]
+        assert loaded.llmprune_dynamic.settings["skip_threshold"] == report["dynamic"]["skip_threshold"]
 
 
 @pytest.mark.parametrize("extra, message", [
