@@ -159,7 +159,7 @@ def main() -> None:
             summary = state.summary()
             row = {"row": label, **metrics, "decode_tokens_per_s": args.new_tokens / seconds_decode,
                    "decode_x": full_decode / seconds_decode,
-                   "decode_avg_layers": summary["avg_layers"] if not options.get("lossless") else None,
+                   "decode_avg_layers": summary["avg_layers_decode"] if not options.get("lossless") else None,
                    "calibration": report.calibration, "target_met_on_calibration": report.target_met,
                    "exit_threshold": report.exit_threshold, "skip_threshold": report.skip_threshold,
                    "calibrate_s": seconds}

@@ -137,9 +137,12 @@ class DynamicState:
         self.stats = Counter()
 
     def summary(self) -> dict:
-        """Average layers run per token and fraction of MLPs skipped since the last reset."""
+        """Average layers run per token (all tokens; decoding steps only) and fraction of MLPs
+        skipped since the last reset."""
         tokens = max(1, self.stats["tokens"])
+        steps = self.stats["decode_tokens"]
         return {"tokens": self.stats["tokens"], "avg_layers": self.stats["layers"] / tokens,
+                "avg_layers_decode": self.stats["decode_layers"] / steps if steps else None,
                 "mlp_skip_fraction": self.stats["mlp_skipped"] / max(1, self.stats["mlp_total"])}
 
     def save(self, folder) -> None:
@@ -272,11 +275,13 @@ def _layer_forward(state: DynamicState, norm: nn.Module, layer: nn.Module, index
 
     if count == num_layers:
         tokens = run.shape[0] * run.shape[1]
+        layers = num_layers * tokens if run.exited is None else int(run.exit_at.sum())
         state.stats["tokens"] += tokens
-        if run.exited is None:
-            state.stats["layers"] += num_layers * tokens
-        else:
-            state.stats["layers"] += int(run.exit_at.sum())
+        state.stats["layers"] += layers
+        if run.shape[1] == 1:  # one new token per row: a decoding step
+            state.stats["decode_tokens"] += tokens
+            state.stats["decode_layers"] += layers
+        if run.exited is not None:
             for exit_layer in torch.unique(run.exit_at[run.exited]).tolist():
                 chosen = run.exited & (run.exit_at == exit_layer)
                 mapped = exit_states(state, exit_layer, run.frozen)
