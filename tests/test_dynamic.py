@@ -318,3 +318,27 @@ def test_cli_dynamic_refusals(tiny_folder, text_file, tmp_path, capsys, extra, m
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_an_uneven_structured_model_can_be_made_dynamic_and_reloaded(text_ids, tmp_path, tokenizer):
+    import llmprune
+    from llmprune.save import save_folder
+
+    _, ids = text_ids
+    model = tiny_model("llama", num_hidden_layers=4)
+    llmprune.prune_structured(model, ids[:4], ffn=0.4, heads=0.5, allocation="global", progress=False)
+    assert model.config.model_type == "llmprune_llama"
+    _, report = make_dynamic(model, ids, max_ppl_increase=0.1, progress=False)
+    assert report.target_met
+    probe = ids[:1, :12]
+    expected = model(probe).logits
+    folder = save_folder(model, tokenizer, tmp_path / "out", {"prune": {"method": "dynamic"}}, "card",
+                         extra_files=lambda tmp: save_dynamic(model, tmp))
+    loaded = load_dynamic(folder)  # llmprune is imported: its uneven classes are registered
+    assert torch.equal(loaded(probe).logits, expected)
+    code = (f"import torch; from transformers import AutoModelForCausalLM as A\n"
+            f"m = A.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+            f"torch.save(m(torch.tensor({probe.tolist()})).logits, {str(tmp_path / 'remote.pt')!r})\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
+    assert torch.equal(torch.load(tmp_path / "remote.pt"), expected)

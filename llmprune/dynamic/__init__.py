@@ -311,6 +311,21 @@ def _report(fitted, state, *, early_exit, token_skip, lossless, max_ppl_increase
         searched=[{"kind": kind, "threshold": t, **m} for kind, t, m in searched])
 
 
+def _check_structure(model: nn.Module) -> None:
+    """What the wrapper needs: decoder layers with self_attn, mlp and input_layernorm, a final norm
+    (every family llmprune supports, including structured outputs with uneven layers)."""
+    try:
+        decoder = model.get_decoder()
+        layers = decoder.layers
+        ok = hasattr(decoder, "norm") and len(layers) > 0 and all(
+            hasattr(layer, name) for layer in layers for name in ("self_attn", "mlp", "input_layernorm"))
+    except (AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise UsageError(f"--method dynamic does not support {type(model).__name__}: it needs decoder layers with "
+                         "self_attn, mlp and input_layernorm, and a final norm")
+
+
 def make_dynamic(model: nn.Module, calibration_ids: torch.Tensor, *, early_exit: bool = True, token_skip: bool = False,
                  max_ppl_increase=None, min_agreement=None, exit_layers=None, lossless: bool = False, device=None,
                  batch_size: int = 1, progress: bool = True, maps: bool = True):
@@ -328,9 +343,7 @@ def make_dynamic(model: nn.Module, calibration_ids: torch.Tensor, *, early_exit:
     _check_targets(max_ppl_increase, min_agreement)
     if hasattr(model, "llmprune_dynamic"):
         detach(model)
-    from ..models.adapters import adapter_for
-
-    adapter_for(model)
+    _check_structure(model)
     fitted = fit_dynamic(model, calibration_ids, exit_layers, device=device, batch_size=batch_size, progress=progress,
                  fit_maps=maps)
     return calibrate(model, fitted, early_exit=early_exit, token_skip=token_skip, max_ppl_increase=max_ppl_increase,

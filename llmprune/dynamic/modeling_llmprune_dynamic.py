@@ -38,6 +38,7 @@ import functools
 import json
 import math
 import os
+import sys
 from collections import Counter
 
 import torch
@@ -372,7 +373,13 @@ def static_class(config):
     if name is not None:
         return getattr(transformers, name)
     candidate = MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.get(type(config))  # e.g. llmprune's uneven layers
-    if candidate is None or candidate is LlmpruneDynamicForCausalLM:
+    if getattr(candidate, "__name__", None) == LOADER_NAME:  # transformers registers the remote loader itself
+        candidate = None
+    if candidate is None:  # a config class from the folder's own modeling_llmprune.py (trust_remote_code)
+        module = sys.modules.get(type(config).__module__)
+        if hasattr(module, "classes_for") and config.model_type.startswith("llmprune_"):
+            candidate = module.classes_for(config.model_type[len("llmprune_"):])[1]
+    if candidate is None:
         raise ValueError(f"no causal-LM class for model type {config.model_type!r}")
     return candidate
 
