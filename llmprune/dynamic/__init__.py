@@ -282,7 +282,7 @@ def calibrate(model: nn.Module, fitted: Fitted, *, early_exit: bool = True, toke
 
     if token_skip:
         values = fitted.table.router_values.double()
-        fractions = [0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8]
+        fractions = [0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8]
         # most aggressive first: skip thresholds by decreasing skipped fraction
         candidates = [float(torch.quantile(values, f)) for f in reversed(fractions)] if values.numel() else []
         exit_threshold = state.exit_threshold
