@@ -41,8 +41,6 @@ def test_recipes_folder_has_the_promised_recipes():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_runs_on_a_tiny_model(recipe, six_layer_folder, text_file, tmp_path, monkeypatch):
     document = yaml.safe_load(recipe.read_text())
-    if any(s["method"] == "dynamic" for s in document["stages"]):
-        pytest.importorskip("llmprune.dynamic")
     import llmprune.pipeline
 
     # Speed is measured by generating tokens (tens of seconds on a shared CPU): tested in
