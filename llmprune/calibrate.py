@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,8 @@ from .checkpoint import LayerCheckpoint
 from .errors import NumericalError, UsageError
 from .methods import NMPattern
 from .models.adapters import DecoderAdapter
+from .placement import execution_device, is_dispatched, onloaded
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +95,22 @@ def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, input_ids: t
                 kwargs[key] = None
         captured.layer_args[index].append((args, kwargs))
 
-    # Everything but the decoder layers runs on the compute device during capture.
-    others = [m for name, m in decoder.named_children() if name != "layers"]
+    # Everything but the decoder layers runs on the compute device during capture; with a device
+    # map accelerate's hooks place it, and what is still on the meta device (streaming: the final
+    # norm) is not needed before the last catcher stops the pass.
+    dispatched = is_dispatched(model)
+    others = [m for name, m in decoder.named_children() if name != "layers" and not dispatched
+              and not any(t.is_meta for t in [*m.parameters(), *m.buffers()])]
     home = {id(m): next(m.parameters(), torch.empty(0)).device for m in others}
     for m in others:
         m.to(device)
     for i, layer in enumerate(originals):
         layers[i] = _LayerCatcher(layer, i, record, last=i == len(originals) - 1)
+    embedding_device = execution_device(decoder.get_input_embeddings(), device)
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             try:
-                decoder(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+                decoder(input_ids=input_ids[start:start + batch_size].to(embedding_device), use_cache=False)
             except _StopCapture:
                 pass
     finally:
@@ -153,17 +161,68 @@ def _first_non_finite(layer: nn.Module, index: int, hidden: torch.Tensor, args: 
     return f"the output of model.layers.{index}.{found[0]}" if found else f"the output of model.layers.{index}"
 
 
+class MoveToDevice:
+    """Where a layer runs when nothing else says so: it visits the compute device and goes home."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.home = None
+
+    def enter(self, index: int, layer: nn.Module) -> None:
+        self.home = next(layer.parameters()).device
+        layer.to(self.device)
+
+    def writable(self, layer: nn.Module):
+        return nullcontext(layer)
+
+    def leave(self, index: int, layer: nn.Module) -> None:
+        layer.to(self.home)
+
+
+class WhereAcceleratePutIt:
+    """A model dispatched by accelerate: every layer runs on its own execution device (its hooks
+    move the activations there and load offloaded weights); changes are written back to the
+    offload store (see llmprune.placement.onloaded)."""
+
+    def enter(self, index: int, layer: nn.Module) -> None:
+        pass
+
+    def writable(self, layer: nn.Module):
+        return onloaded(layer)
+
+    def leave(self, index: int, layer: nn.Module) -> None:
+        pass
+
+
+def default_placement(model: nn.Module, device: torch.device):
+    return WhereAcceleratePutIt() if is_dispatched(model) else MoveToDevice(device)
+
+
+def _share_of_batches(calibration_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This process's contiguous share of the calibration batches (all of them for one process)."""
+    batches = -(-calibration_ids.shape[0] // batch_size)
+    share = distributed.batch_share(batches, distributed.current())
+    return calibration_ids[share.start * batch_size:share.stop * batch_size]
+
+
 @torch.no_grad()
 def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: torch.Tensor | None,
                   device: torch.device, *, collect=None, apply=None, batch_size: int = 1,
                   progress: bool = True, desc: str = "layers", checkpoint: LayerCheckpoint | None = None,
-                  layer_state=None, restore_layer=None) -> list[float]:
-    """Visit every decoder layer on ``device``, one at a time; return seconds per layer.
+                  layer_state=None, restore_layer=None, combine=None, placement=None) -> list[float]:
+    """Visit every decoder layer, one at a time, where ``placement`` runs it; return seconds per layer.
 
     collect(index, layer) -> hook handles that gather statistics while calibration batches run.
+    combine(index, layer), after the statistics pass, merges statistics across processes.
     apply(index, layer) changes the layer (pruning). With ``apply``: a statistics pass, the hooks
     removed, apply, then a propagation pass so the next layer sees the changed outputs. Without:
     one pass that both feeds the hooks and propagates. No calibration_ids: no passes at all.
+
+    placement: ``enter(index, layer)`` before a layer's passes, ``writable(layer)`` a context in
+    which its weights are real and changes persist, ``leave(index, layer)`` after. Default: move
+    the layer to ``device`` and back; for a model dispatched by accelerate, run it where it is.
+    Under ``accelerate launch`` (a torch.distributed group) each process calibrates on its own
+    share of the batches.
 
     With a ``checkpoint``: after each layer, layer_state(index, layer) -> {name: tensor} is
     committed together with the next layer's inputs; layers an earlier run finished are not run
@@ -171,9 +230,11 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
     the first unfinished layer replace the captured ones.
     """
     layers = adapter.layers(model)
+    placement = placement if placement is not None else default_placement(model, device)
     inputs = None
     if calibration_ids is not None:
-        inputs = capture_layer_inputs(model, adapter, calibration_ids, batch_size, device)
+        inputs = capture_layer_inputs(model, adapter, _share_of_batches(calibration_ids, batch_size),
+                                      batch_size, device)
     resume_at = checkpoint.open() if checkpoint is not None else 0
     if resume_at:
         if resume_at > len(layers):
@@ -181,7 +242,10 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
                              f"but the model has {len(layers)}")
         log.warning("resuming from the checkpoint in %s: layers 0-%d are done", checkpoint.folder, resume_at - 1)
         for index in range(resume_at):
-            restore_layer(index, layers[index], checkpoint.load_layer(index))
+            placement.enter(index, layers[index])
+            with placement.writable(layers[index]):
+                restore_layer(index, layers[index], checkpoint.load_layer(index))
+            placement.leave(index, layers[index])
         if inputs is not None and resume_at < len(layers):
             inputs.hidden = checkpoint.load_inputs(resume_at, like=inputs.hidden)
 
@@ -206,8 +270,7 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
             seconds.append(0.0)
             continue
         started = time.perf_counter()
-        home = next(layer.parameters()).device
-        layer.to(device)
+        placement.enter(index, layer)
         hooks = collect(index, layer) if (collect is not None and inputs is not None) else []
         try:
             if inputs is not None and (hooks or apply is None):
@@ -215,14 +278,19 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
         finally:
             for hook in hooks:
                 hook.remove()
+        if combine is not None and inputs is not None:
+            combine(index, layer)
         if apply is not None:
-            apply(index, layer)
+            with placement.writable(layer):
+                apply(index, layer)
             if inputs is not None and index + 1 < len(layers):
                 feed(index, layer, propagate=True)
         if checkpoint is not None:
             last = index + 1 == len(layers)
-            checkpoint.save_layer(index, layer_state(index, layer), None if inputs is None or last else inputs.hidden)
-        layer.to(home)
+            with placement.writable(layer):
+                state = layer_state(index, layer)
+                checkpoint.save_layer(index, state, None if inputs is None or last else inputs.hidden)
+        placement.leave(index, layer)
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -230,7 +298,7 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
 def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float,
                     pattern: NMPattern | None, calibration_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 1, progress: bool = True,
-                    checkpoint: LayerCheckpoint | None = None) -> PruneRecord:
+                    checkpoint: LayerCheckpoint | None = None, placement=None) -> PruneRecord:
     """Prune every linear projection of every decoder layer in place; see the module docstring.
     With a checkpoint, each pruned layer's linear weights are committed after it is done."""
     if method.needs_calibration and calibration_ids is None:
@@ -238,9 +306,13 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
     record = PruneRecord()
     statistics: list = []  # per input group of the current layer
 
+    group_of_processes = distributed.current()
+
     def collect(index, layer):
         groups = adapter.linear_groups(layer)
-        statistics[:] = [method.new_statistics(group[0][1].in_features, device) for group in groups]
+        where = execution_device(layer, device)  # statistics live where the layer computes
+        statistics[:] = [distributed.accumulator(lambda n=group[0][1].in_features: method.new_statistics(n, where),
+                                                 group_of_processes) for group in groups]
 
         def record(stats, last):
             def hook(module, args):
@@ -252,16 +324,29 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         return [group[0][1].register_forward_pre_hook(record(stats, last=i == len(groups) - 1))
                 for i, (group, stats) in enumerate(zip(groups, statistics))]
 
+    def combine(index, layer):  # sums over the processes' batches (a no-op for one process)
+        statistics[:] = [distributed.combine(stats, group_of_processes) for stats in statistics]
+
     def apply(index, layer):
         groups = adapter.linear_groups(layer)
-        for group, stats in zip(groups, statistics or [None] * len(groups)):
-            names = [f"model.layers.{index}.{name}" for name, _ in group]
+        group_statistics = statistics or [None] * len(groups)
+        names = [[f"model.layers.{index}.{name}" for name, _ in group] for group in groups]
+
+        def solve(g):  # float32 [out_i, in] matrices in, pruned matrices out
+            stats = group_statistics[g]
             for attribute in ("sum_of_squares", "sum_xtx"):
                 if hasattr(stats, attribute):
-                    _check_finite(getattr(stats, attribute), f"calibration statistics of {names[0]}")
-            weights = [linear.weight.detach().float() for _, linear in group]  # [out_i, in]
-            pruned = method.prune_group(weights, stats, sparsity, pattern, name=", ".join(names))
-            for (_, linear), new_weight, full_name in zip(group, pruned, names):
+                    _check_finite(getattr(stats, attribute), f"calibration statistics of {names[g][0]}")
+            weights = [linear.weight.detach().float() for _, linear in groups[g]]
+            return method.prune_group(weights, stats, sparsity, pattern, name=", ".join(names[g]))
+
+        def shapes(g):
+            return [(tuple(linear.weight.shape), torch.float32, linear.weight.device) for _, linear in groups[g]]
+
+        # Each group is solved by one process (all of them for a single process), then shared.
+        for group, pruned, group_names in zip(groups, distributed.solve_spread(len(groups), solve, shapes,
+                                                                              group_of_processes), names):
+            for (_, linear), new_weight, full_name in zip(group, pruned, group_names):
                 _check_finite(new_weight, f"pruned weight of {full_name}")
                 linear.weight.copy_(new_weight.to(linear.weight.dtype))
         statistics.clear()
@@ -287,5 +372,5 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         model, adapter, calibration_ids if method.needs_calibration else None, device,
         collect=collect if method.needs_calibration else None, apply=apply, batch_size=batch_size,
         progress=progress, desc=f"{method.name}: layers", checkpoint=checkpoint, layer_state=layer_state,
-        restore_layer=restore_layer)
+        restore_layer=restore_layer, combine=combine if method.needs_calibration else None, placement=placement)
     return record
