@@ -142,7 +142,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
           sparsity: float | None = None, pattern: str | NMPattern | None = None, *,
           device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
           checkpoint: str | os.PathLike | LayerCheckpoint | None = None, run_identity: dict | None = None,
-          **method_options) -> PruneReport:
+          placement=None, **method_options) -> PruneReport:
     """Prune every linear projection of every decoder layer of ``model`` in place.
 
     calibration: [nsamples, seqlen] token ids (not needed for magnitude). sparsity: fraction
@@ -150,7 +150,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     method_options go to the method (sparsegpt: blocksize, percdamp). The embeddings and the LM
     head are never pruned. checkpoint: a folder (or ``prune_checkpoint(...)``) where every finished
     layer is committed and from which a rerun resumes (see llmprune.checkpoint); run_identity:
-    more JSON-able facts that a resumed run must share.
+    more JSON-able facts that a resumed run must share. placement: where each decoder layer runs
+    (see llmprune.calibrate.run_layerwise; default: the compute device, or where an accelerate
+    device map put it; llmprune.stream passes its own).
     """
     if not isinstance(method, str) or method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -173,7 +175,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
         checkpoint = prune_checkpoint(checkpoint, model, calibration, method, target, nm, batch_size,
                                       run_identity, **method_options)
     record = prune_layerwise(model, adapter, pruner, target, nm, calibration, torch.device(device),
-                             batch_size=batch_size, progress=progress, checkpoint=checkpoint)
+                             batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement)
     seconds = time.perf_counter() - started
 
     layers = len(adapter.layers(model))

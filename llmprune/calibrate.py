@@ -76,14 +76,59 @@ def _decoder_layer_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class DiskActivations:
+    """The hidden states of the calibration batches in memory-mapped files, one per batch, in a
+    temporary folder under ``folder``: the list the runner reads and overwrites layer by layer,
+    for activations larger than memory (the operating system pages them in and out)."""
+
+    def __init__(self, folder: str, device: torch.device):
+        import tempfile
+        from pathlib import Path
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="llmprune-activations-", dir=folder))
+        self.device = device
+        self.mapped: list[torch.Tensor] = []
+
+    def _map(self, number: int, tensor: torch.Tensor) -> torch.Tensor:
+        path = self.folder / f"batch-{number}-{tensor.numel()}.bin"
+        mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype)
+        return mapped.view(tensor.shape).copy_(tensor)
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self.mapped.append(self._map(len(self.mapped), tensor))
+
+    def __len__(self) -> int:
+        return len(self.mapped)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, number: int) -> torch.Tensor:
+        return self.mapped[number].to(self.device)
+
+    def __setitem__(self, number: int, tensor: torch.Tensor) -> None:
+        if tensor.shape == self.mapped[number].shape and tensor.dtype == self.mapped[number].dtype:
+            self.mapped[number].copy_(tensor)
+        else:
+            self.mapped[number] = self._map(number, tensor)
+
+    def close(self) -> None:
+        import shutil
+
+        self.mapped.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, input_ids: torch.Tensor,
-                         batch_size: int, device: torch.device) -> LayerInputs:
-    """Run the embeddings once per batch of input_ids [nsamples, seqlen] and record layer inputs."""
+                         batch_size: int, device: torch.device, hidden=None) -> LayerInputs:
+    """Run the embeddings once per batch of input_ids [nsamples, seqlen] and record layer inputs
+    (the hidden states into ``hidden``, a list or a DiskActivations)."""
     decoder = adapter.decoder(model)
     layers = adapter.layers(model)
     originals = list(layers)
-    captured = LayerInputs(hidden=[], layer_args=[[] for _ in originals])
+    captured = LayerInputs(hidden=[] if hidden is None else hidden, layer_args=[[] for _ in originals])
 
     def record(index, hidden_states, args, kwargs):
         if index == 0:
@@ -221,6 +266,8 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
     placement: ``enter(index, layer)`` before a layer's passes, ``writable(layer)`` a context in
     which its weights are real and changes persist, ``leave(index, layer)`` after. Default: move
     the layer to ``device`` and back; for a model dispatched by accelerate, run it where it is.
+    A placement with an ``activation_folder`` keeps the hidden states between layers in
+    memory-mapped files there (DiskActivations) instead of memory.
     Under ``accelerate launch`` (a torch.distributed group) each process calibrates on its own
     share of the batches.
 
@@ -232,9 +279,22 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
     layers = adapter.layers(model)
     placement = placement if placement is not None else default_placement(model, device)
     inputs = None
-    if calibration_ids is not None:
-        inputs = capture_layer_inputs(model, adapter, _share_of_batches(calibration_ids, batch_size),
-                                      batch_size, device)
+    activation_folder = getattr(placement, "activation_folder", None)
+    on_disk = DiskActivations(activation_folder, device) if activation_folder and calibration_ids is not None else None
+    try:
+        if calibration_ids is not None:
+            inputs = capture_layer_inputs(model, adapter, _share_of_batches(calibration_ids, batch_size),
+                                          batch_size, device, hidden=on_disk)
+        return _visit_layers(model, adapter, layers, inputs, placement, collect, apply, combine, checkpoint,
+                             layer_state, restore_layer, progress, desc)
+    finally:
+        if on_disk is not None:
+            on_disk.close()
+
+
+def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, combine, checkpoint,
+                  layer_state, restore_layer, progress, desc) -> list[float]:
+    """The layer loop of run_layerwise (see there)."""
     resume_at = checkpoint.open() if checkpoint is not None else 0
     if resume_at:
         if resume_at > len(layers):

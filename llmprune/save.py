@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError, UsageError
@@ -83,26 +84,43 @@ def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card:
     while the folder is being put in place is held until that is done. A failed write (disk full,
     permission lost) raises OutputError with nothing left behind and an old folder kept.
     """
+    with atomic_folder(target, overwrite) as tmp:
+        _test_pause()
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_companions(tmp, model.config, tokenizer, report, card)
+    return Path(target).expanduser().resolve()
+
+
+def write_companions(folder: Path, config, tokenizer, report: dict, card: str) -> None:
+    """Everything of an output folder but the weights: tokenizer, llmprune's modelling file for
+    uneven layers, README.md (model card) and llmprune.json (report), secrets redacted."""
+    report, card = redact(report), redact(card)
+    _test_pause()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    _test_pause()
+    if getattr(config, "llmprune_layer_sizes", None):  # uneven layers: ship the modelling file
+        shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", folder / "modeling_llmprune.py")
+    _write_text(folder / "README.md", card)
+    _test_pause()
+    _write_text(folder / "llmprune.json", json.dumps(report, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
+    """Yield a hidden temporary folder beside ``target`` to fill; when the block ends normally it
+    is flushed to disk and put at ``target`` in one rename (see save_folder for the guarantees).
+    An exception in the block removes it; a failed write becomes an OutputError. Streaming runs
+    fill it shard by shard over a whole run."""
     remove_stale_temporaries(Path(target).expanduser().resolve())
     target = check_output_folder(target, overwrite)
-    report, card = redact(report), redact(card)
     tmp = None
     try:
         with _InterruptsHeld() as held:  # no folder may exist that ``tmp`` does not name yet
             tmp = _temporary_folder(target, "tmp")
         if held.interrupted:
             raise KeyboardInterrupt
-        _test_pause()
-        model.save_pretrained(tmp, safe_serialization=True)
-        _test_pause()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _test_pause()
-        if getattr(model.config, "llmprune_layer_sizes", None):  # uneven layers: ship the modelling file
-            shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", tmp / "modeling_llmprune.py")
-        _write_text(tmp / "README.md", card)
-        _test_pause()
-        _write_text(tmp / "llmprune.json", json.dumps(report, indent=2, default=str) + "\n")
+        yield tmp
         _make_ordinary(tmp)
         _sync_folder(tmp)
         _test_pause()
@@ -129,7 +147,50 @@ def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card:
             raise OutputError(f"cannot write the output folder {str(target)!r}: "
                               f"{cause.strerror or cause}; nothing was saved{kept}") from error
         raise
-    return target
+
+
+class ShardWriter:
+    """Writes tensors to ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes``
+    (a larger tensor gets a shard of its own) plus ``model.safetensors.index.json``, as
+    ``save_pretrained`` does, but a tensor at a time: only the shard being filled is in memory."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 2**30):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []  # per shard written: its tensor names
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.folder / f"shard-{len(self.files):05d}.tmp"), metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        """Name the shards ``model-0000i-of-0000N.safetensors`` and write the index; return the shards."""
+        self.flush()
+        count, weight_map, paths = len(self.files), {}, []
+        for number, names in enumerate(self.files):
+            path = self.folder / f"model-{number + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / f"shard-{number:05d}.tmp", path)
+            weight_map.update({name: path.name for name in names})
+            paths.append(path)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_text(self.folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        return paths
 
 
 def _test_pause() -> None:

@@ -96,3 +96,33 @@ def test_offloaded_structured_equals_in_memory(tmp_path, source):
     # and it runs: the hooks read the new, smaller weights from the offload store
     ids = calibration[:1]
     assert torch.allclose(model(ids).logits, expected(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,on_disk", [("wanda", False), ("sparsegpt", True), ("magnitude", False)])
+def test_streaming_writes_the_in_memory_result_as_sharded_checkpoint(tmp_path, source, method, on_disk):
+    from llmprune.stream import prune_streaming
+
+    calibration = None if method == "magnitude" else _calibration()
+    expected = tiny_model("llama")
+    llmprune.prune(expected, calibration, method=method, sparsity=0.5, progress=False)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    report, _ = prune_streaming(source, out, calibration, method=method, sparsity=0.5, pattern=None,
+                                device=torch.device("cpu"), dtype=torch.float32, progress=False,
+                                max_shard_bytes=200_000, activations_on_disk=tmp_path / "acts" if on_disk else None)
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    saved = _state(out)
+    assert set(saved) == set(expected.state_dict())
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+    if on_disk:  # the memory-mapped activation files are gone
+        assert not any((tmp_path / "acts").iterdir())
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = _calibration(1)
+    assert torch.equal(reloaded(ids).logits, expected(ids).logits)
