@@ -125,8 +125,10 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
         raise ValueError(mode)
     share = -(-nsamples // max(processes, 1))
     activations = 0 if activations_on_disk else share * seqlen * hidden * dtype_bytes
-    # One batch inside a layer: q/k/v/o outputs, gate/up/act products, attention scores.
-    working = batch_size * seqlen * (4 * heads * head_dim + 3 * inter + heads * seqlen) * max(dtype_bytes, 4) if nsamples else 0
+    # One batch inside a layer: q/k/v/o outputs and gate/up/act products, in float32 at worst.
+    # Attention scores [heads, seqlen, seqlen] are not counted: SDPA (transformers' default) does
+    # not materialise them.
+    working = batch_size * seqlen * (4 * heads * head_dim + 3 * inter) * max(dtype_bytes, 4) if nsamples else 0
     groups_in = [hidden, heads * head_dim, hidden, inter]
     if method == "sparsegpt":
         largest_rows = max((heads + 2 * kv) * head_dim, hidden, 2 * inter)

@@ -126,3 +126,107 @@ def test_streaming_writes_the_in_memory_result_as_sharded_checkpoint(tmp_path, s
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = _calibration(1)
     assert torch.equal(reloaded(ids).logits, expected(ids).logits)
+
+
+FAST = ["--nsamples", "6", "--seqlen", "32", "--no-progress"]
+
+
+def _cli(folder, text_file, output, *extra):
+    from llmprune.__main__ import main
+
+    return main(["--model", str(folder), "--calib-data", str(text_file), "--eval-data", "none",
+                 "--output", str(output), *FAST, *extra])
+
+
+def test_cli_stream_and_offload_save_the_in_memory_result(tiny_folder, text_file, tmp_path):
+    assert _cli(tiny_folder, text_file, tmp_path / "memory", "--method", "sparsegpt") == 0
+    assert _cli(tiny_folder, text_file, tmp_path / "stream", "--method", "sparsegpt", "--stream",
+                "--activations-on-disk", str(tmp_path / "acts")) == 0
+    assert _cli(tiny_folder, text_file, tmp_path / "offload", "--method", "sparsegpt", "--device-map", "auto",
+                "--max-memory", "cpu=300000", "--offload-folder", str(tmp_path / "store")) == 0
+    expected = _state(tmp_path / "memory")
+    for mode in ("stream", "offload"):
+        saved = _state(tmp_path / mode)
+        assert set(saved) == set(expected)
+        assert all(torch.equal(saved[k], v) for k, v in expected.items()), mode
+    assert (tmp_path / "stream" / "model.safetensors.index.json").is_file()
+    report = json.loads((tmp_path / "offload" / "llmprune.json").read_text())
+    assert report["placement"]["mode"] == "offload" and "disk" in report["placement"]["hf_device_map"].values()
+    assert json.loads((tmp_path / "stream" / "llmprune.json").read_text())["placement"]["mode"] == "stream"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+@pytest.mark.parametrize("extra", [["--stream", "--method", "structured", "--heads", "0.5"],
+                                   ["--max-memory", "cpu=1GiB"], ["--device-map", "everywhere"],
+                                   ["--activations-on-disk", "acts"],
+                                   ["--stream", "--device-map", "auto"]])
+def test_bad_scale_options_are_refused_before_work(tiny_folder, text_file, tmp_path, capsys, extra):
+    assert _cli(tiny_folder, text_file, tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_estimate_parts_and_refusal(monkeypatch):
+    from llmprune.errors import UsageError
+    from llmprune.memory import estimate_peak, refuse_unless_fits
+    from conftest import tiny_config
+
+    config = tiny_config("llama", num_hidden_layers=24)
+    common = dict(dtype_bytes=4, nsamples=8, seqlen=64, method="wanda")
+    memory = estimate_peak(config, mode="memory", **common)
+    stream = estimate_peak(config, mode="stream", **common)
+    assert memory.parts["activations"] == stream.parts["activations"] == 8 * 64 * 64 * 4
+    assert memory.parts["weights"] > 5 * stream.parts["weights"]  # 24 layers vs embeddings + 2 layers
+    two = estimate_peak(config, mode="memory", processes=2, **common)
+    assert two.parts["activations"] == memory.parts["activations"] // 2
+    hessians = estimate_peak(config, mode="memory", **{**common, "method": "sparsegpt"})
+    assert hessians.parts["statistics"] > 64 * 64 * 4 * 3  # [in, in] float32 per group
+    # refused with the parts and the ways out, unless forced
+    memory.host_available = memory.host - 1
+    with pytest.raises(UsageError) as refusal:
+        refuse_unless_fits(memory, "memory", force=False)
+    assert all(word in str(refusal.value) for word in ("--stream", "--nsamples", "--offload-folder", "--force",
+                                                       "activations"))
+    refuse_unless_fits(memory, "memory", force=True)
+
+
+def test_cli_refuses_what_memory_cannot_hold(tiny_folder, text_file, tmp_path, capsys):
+    import psutil
+
+    tokens = psutil.virtual_memory().total // 8  # the token ids alone exceed the machine's RAM
+    assert _cli(tiny_folder, text_file, tmp_path / "out", "--nsamples", str(tokens // 64 + 1), "--seqlen", "64") == 2
+    err = capsys.readouterr().err
+    assert "estimated peak memory" in err and "--force" in err and "--stream" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", [["--method", "wanda"], ["--method", "sparsegpt"],
+                                    ["--method", "structured", "--heads", "0.5", "--ffn", "0.25", "--layers", "1",
+                                     "--score", "flap"]], ids=["wanda", "sparsegpt", "structured"])
+def test_two_processes_equal_one(tiny_folder, text_file, tmp_path, method):
+    """accelerate launch with 2 gloo processes on CPU: the calibration batches are split, the
+    statistics combined, each group solved once; the saved model equals the single-process one
+    (same thread count: the launcher runs each process with one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _cli(tiny_folder, text_file, tmp_path / "one", *method) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", "0", "-m", "llmprune", "--model", str(tiny_folder), "--calib-data",
+               str(text_file), "--eval-data", "none", "--output", str(tmp_path / "two"), *FAST, *method]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("llmprune summary") == 1  # only the main process reports and writes
+    one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
+    assert set(one) == set(two)
+    assert json.loads((tmp_path / "two" / "llmprune.json").read_text())["placement"]["processes"] == 2
+    if method[1] == "sparsegpt":
+        for name in one:
+            assert torch.equal(one[name] == 0, two[name] == 0), name
+            assert (one[name] - two[name]).norm() <= 1e-5 * one[name].norm(), name
+    else:
+        assert all(torch.equal(one[k], two[k]) for k in one)
