@@ -175,3 +175,18 @@ def refuse_unless_fits(estimate: MemoryEstimate, mode: str, force: bool) -> None
         hints.append("--activations-on-disk")
     raise UsageError(f"estimated peak memory {_gib(need)} ({detail}) exceeds the {_gib(have)} available on {where}; "
                      f"try {'; or '.join(hints)}; or pass --force to run anyway")
+
+
+def release_free_heap() -> None:
+    """Give freed heap memory back to the operating system (glibc's malloc_trim; elsewhere a
+    no-op). Tokenising a whole novel or a layer's temporaries leave large freed blocks that glibc
+    otherwise keeps in the process: for a run that must stay small, RSS is what counts."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

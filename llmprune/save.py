@@ -149,6 +149,55 @@ def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
         raise
 
 
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                       "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+class StoredBytes:
+    """A tensor left where it is: ``size`` bytes at ``start`` of ``path`` (another safetensors
+    file), with its safetensors dtype name and shape. Copied in chunks, never loaded whole."""
+
+    def __init__(self, path: str, start: int, size: int, dtype: str, shape: list[int]):
+        self.path, self.start, self.size, self.dtype, self.shape = path, start, size, dtype, shape
+
+
+def write_safetensors(tensors: dict, path: Path) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory, or copied in
+    chunks from another file (StoredBytes); safetensors' save_file would first copy every tensor
+    into one bytes object, twice the shard in memory. Format: 8-byte little-endian header
+    length, JSON header (dtype, shape, byte offsets), the data."""
+    import torch
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in tensors.items():
+        if isinstance(tensor, StoredBytes):
+            size, dtype, shape = tensor.size, tensor.dtype, tensor.shape
+        else:
+            size = tensor.numel() * tensor.element_size()
+            dtype, shape = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")], list(tensor.shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            if isinstance(tensor, StoredBytes):
+                with open(tensor.path, "rb") as source:
+                    source.seek(tensor.start)
+                    left = tensor.size
+                    while left:
+                        chunk = source.read(min(left, 2**22))
+                        if not chunk:
+                            raise OSError(f"{tensor.path} ends early")
+                        handle.write(chunk)
+                        left -= len(chunk)
+            elif tensor.numel():
+                handle.write(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
 class ShardWriter:
     """Writes tensors to ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes``
     (a larger tensor gets a shard of its own) plus ``model.safetensors.index.json``, as
@@ -163,19 +212,18 @@ class ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        """``tensor``: a torch tensor, or StoredBytes to copy from another file."""
+        size = tensor.size if isinstance(tensor, StoredBytes) else tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_shard_bytes:
             self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending[name] = tensor if isinstance(tensor, StoredBytes) else tensor.detach().to("cpu").contiguous()
         self.pending_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
-        save_file(self.pending, str(self.folder / f"shard-{len(self.files):05d}.tmp"), metadata={"format": "pt"})
+        write_safetensors(self.pending, self.folder / f"shard-{len(self.files):05d}.tmp")
         self.files.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__, data, distributed
 from .errors import UsageError
-from .memory import PeakRSS, estimate_peak, refuse_unless_fits
+from .memory import PeakRSS, estimate_peak, refuse_unless_fits, release_free_heap
 from .models.loading import DTYPES, base_model_id, resolve_model
 from .placement import parse_device_map, parse_max_memory, size_in_bytes
 
@@ -95,6 +95,8 @@ def run_streaming(*, model: str, method: str, target: float, nm, calib_data, nsa
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     needs_data = METHODS[method].needs_calibration
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_data else None
+    del tokenizer  # tens of MiB while pruning; read again to be saved
+    release_free_heap()  # tokenising the whole text left freed blocks behind
     timings["data_s"] = time.perf_counter() - t
     main = group is None or group.main
     with (atomic_folder(target_folder, overwrite) if main else nullcontext(None)) as tmp:
@@ -121,6 +123,7 @@ def run_streaming(*, model: str, method: str, target: float, nm, calib_data, nsa
             "storage": "dense safetensors with zeros (no sparse format), sharded with an index",
         }
         if main:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             write_companions(tmp, config, tokenizer, run_report, model_card(base_model_id(model), run_report))
     distributed.barrier()
     if main:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,11 +29,16 @@ from torch import nn
 
 from . import distributed
 from .errors import UsageError
-from .save import ShardWriter
+from .memory import release_free_heap
+from .save import SAFETENSORS_DTYPES, ShardWriter, StoredBytes
 
 
 class CheckpointReader:
-    """Tensors of a safetensors checkpoint (one file, or shards named by an index), by name."""
+    """Tensors of a safetensors checkpoint (one file, or shards named by an index), by name.
+
+    Each read opens its shard and closes it again: a safetensors file is memory-mapped while
+    open, and the pages a read touched would otherwise stay in this process's resident memory
+    until the end, adding up to the whole checkpoint."""
 
     def __init__(self, folder: str | Path):
         from safetensors import safe_open
@@ -41,32 +46,46 @@ class CheckpointReader:
         folder = Path(folder)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         elif (folder / "model.safetensors").is_file():
-            weight_map = None
+            files = ["model.safetensors"]
         else:
             raise UsageError(f"--stream needs a safetensors checkpoint (model.safetensors or an index) in {str(folder)!r}")
-        self._files = ExitStack()
-        opened = {}
-        names = {}
-        for file in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
-            handle = self._files.enter_context(safe_open(str(folder / file), framework="pt", device="cpu"))
-            opened[file] = handle
-            for name in handle.keys():
-                names[name] = handle
-        self._names = names
+        self._file_of = {}
+        self._stored = {}  # name -> (data start in the file, header entry)
+        for file in files:
+            path = str(folder / file)
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                self._file_of.update({name: path for name in handle.keys()})
+            with open(path, "rb") as raw:  # the header: where each tensor's bytes are
+                length = int.from_bytes(raw.read(8), "little")
+                header = json.loads(raw.read(length))
+            self._stored.update({name: (8 + length, entry) for name, entry in header.items() if name != "__metadata__"})
 
     def names(self) -> list[str]:
-        return list(self._names)
+        return list(self._file_of)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._names
+        return name in self._file_of
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return self._names[name].get_tensor(name).to(dtype)
+        from safetensors import safe_open
+
+        with safe_open(self._file_of[name], framework="pt", device="cpu") as handle:
+            tensor = handle.get_tensor(name)  # its own private mapping of the file: unmapped when freed
+        return tensor.to(dtype)
+
+    def stored(self, name: str) -> StoredBytes:
+        """Where the tensor's bytes are, to copy them unchanged without loading them."""
+        start, entry = self._stored[name]
+        begin, end = entry["data_offsets"]
+        return StoredBytes(self._file_of[name], start + begin, end - begin, entry["dtype"], entry["shape"])
+
+    def dtype_name(self, name: str) -> str:
+        return self._stored[name][1]["dtype"]
 
     def close(self) -> None:
-        self._files.close()
+        pass
 
 
 def skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -117,6 +136,7 @@ class StreamFromCheckpoint:
             _set(layer, name, None, "meta")
         if self.writer is not None:
             self.writer.flush()  # this layer is on disk: its memory can go
+        release_free_heap()
 
 
 def layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
@@ -146,7 +166,8 @@ def copy_outside_layers(reader: CheckpointReader, writer: ShardWriter, prefix: s
     """Every checkpoint tensor outside the decoder layers, to the output unchanged (one at a time)."""
     for name in reader.names():
         if not name.startswith(prefix + "."):
-            writer.add(name, reader.read(name, dtype))
+            same = reader.dtype_name(name) == SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]
+            writer.add(name, reader.stored(name) if same else reader.read(name, dtype))
             writer.flush()
 
 
