@@ -10,7 +10,7 @@ Wanda 50%, calibration 32 x 512 tokens from emma + mansfieldpark (seed 0), no ev
 - whether the saved model equals the in-memory one (bitwise; SparseGPT rows: the largest
   relative difference ||W1 - W2|| / ||W1|| over matrices, and whether the masks are equal).
 
-Usage: flock /tmp/llmprune-bench.lock python eval/bench_scale.py [--rows memory,stream,...] [--nsamples 32]
+Usage: flock /tmp/llmprune-bench.lock python eval/bench_scale.py [--rows "memory;stream;..."] [--nsamples 32]
 Writes eval/results/bench_scale.{json,md}.
 """
 
@@ -37,7 +37,8 @@ ONE = [sys.executable, "-m", "llmprune"]
 # row -> (reference row for the equality check, launcher, extra flags; {work} is a scratch folder)
 ROWS = {
     "memory": (None, ONE, ["--method", "wanda"]),
-    "offload cpu+disk": ("memory", ONE, ["--method", "wanda", "--device-map", "auto", "--max-memory", "cpu=200MB",
+    # offload: accelerate keeps 40% of the float32 model in RAM (--max-memory cpu=...), the rest on disk
+    "offload cpu+disk": ("memory", ONE, ["--method", "wanda", "--device-map", "auto", "--max-memory", "cpu={cpu_budget}",
                                          "--offload-folder", "{work}/offload"]),
     "stream": ("memory", ONE, ["--method", "wanda", "--stream"]),
     "stream, activations on disk": ("memory", ONE, ["--method", "wanda", "--stream", "--activations-on-disk",
@@ -109,15 +110,16 @@ def compare(reference: Path, other: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=";".join(ROWS), help="row names separated by ;")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--model", default="llama", help="a local folder instead of SmolLM2 (to try the script)")
     args = parser.parse_args()
-    rows = [r.strip() for r in args.rows.split(",")]
+    rows = [r.strip() for r in args.rows.split(";")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     from llmprune.models.loading import builtin_model_folder
 
-    folder = builtin_model_folder("llama")  # converted once, before timing anything
+    folder = builtin_model_folder("llama") if args.model == "llama" else Path(args.model)  # converted once, first
     model_bytes = sum(v.numel() * 4 for v in tensors(folder).values())
     base = baseline_rss(env, modelling_code=False)
     base_with_model_code = baseline_rss(env, modelling_code=True)
@@ -127,9 +129,9 @@ def main() -> None:
         for row in rows:
             reference, launcher, extra = ROWS[row]
             out = work / row.replace(" ", "_").replace(",", "").replace("+", "_")
-            flags = ["--model", "llama", "--calib-data", str(AUSTEN / "emma.txt.gz"), str(AUSTEN / "mansfieldpark.txt.gz"),
+            flags = ["--model", args.model, "--calib-data", str(AUSTEN / "emma.txt.gz"), str(AUSTEN / "mansfieldpark.txt.gz"),
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval-data", "none",
-                     "--no-progress", "--output", str(out), *[e.format(work=work) for e in extra]]
+                     "--no-progress", "--output", str(out), *[e.format(work=work, cpu_budget=int(model_bytes * 0.4)) for e in extra]]
             # two processes: one thread each (torchrun's default), so both settings use the 2 cores
             row_env = {**env, "OMP_NUM_THREADS": "1"} if launcher is LAUNCH_2 else env
             print(f"[{row}]", flush=True)
@@ -158,6 +160,9 @@ def main() -> None:
              "baseline_rss_bytes": base, "baseline_with_model_code_rss_bytes": base_with_model_code, "nsamples": args.nsamples, "seqlen": args.seqlen,
              "threads": "2 for one process; 1 per process for two processes (2 cores in all)",
              "machine": f"{psutil.cpu_count()} CPU cores, shared with other sessions during the run"}
+    if args.model != "llama":  # a trial run: print, keep the committed results
+        print(json.dumps(results, indent=1))
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_scale.json").write_text(json.dumps({"setup": setup, "rows": results}, indent=2) + "\n")
     memory_row = next((r for r in results if r["row"] == "memory"), None)
