@@ -230,3 +230,41 @@ def test_two_processes_equal_one(tiny_folder, text_file, tmp_path, method):
             assert (one[name] - two[name]).norm() <= 1e-5 * one[name].norm(), name
     else:
         assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_device_map_and_max_memory_parsing(tmp_path):
+    from llmprune.errors import UsageError
+    from llmprune.placement import parse_device_map, parse_max_memory
+
+    assert parse_max_memory("0=20GiB,1=20GiB,cpu=60GiB") == {0: "20GiB", 1: "20GiB", "cpu": "60GiB"}
+    assert parse_max_memory("cuda:1=500MB, cpu=300000") == {1: "500MB", "cpu": 300000}
+    for bad in ("0=20XB", "gpu=1GiB", "", "cpu"):
+        with pytest.raises(UsageError):
+            parse_max_memory(bad)
+    assert parse_device_map("balanced") == "balanced"
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": 0}))
+    assert parse_device_map(str(mapping))["model.layers"] == "disk"
+    mapping.write_text(json.dumps({"model.layers": "tpu"}))
+    with pytest.raises(UsageError, match="tpu"):
+        parse_device_map(str(mapping))
+
+
+def test_device_map_file_places_layers_on_disk(tmp_path, source):
+    """--device-map FILE.json: the map as written, here every decoder layer on disk."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.placement import parse_device_map
+
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "disk",
+                                   "model.norm": "cpu", "lm_head": "cpu"}))
+    model = AutoModelForCausalLM.from_pretrained(source, device_map=parse_device_map(str(mapping)),
+                                                 offload_folder=str(tmp_path / "store"), dtype=torch.float32)
+    assert all(p.is_meta for p in model.model.layers.parameters())
+    calibration = _calibration()
+    expected = tiny_model("llama")
+    llmprune.prune(expected, calibration, method="wanda", sparsity=0.5, progress=False)
+    llmprune.prune(model, calibration, method="wanda", sparsity=0.5, device="cpu", progress=False)
+    ids = calibration[:1]
+    assert torch.equal(model(ids).logits, expected(ids).logits)  # the hooks read the pruned store
