@@ -47,9 +47,11 @@ def init_from_environment(device: torch.device | None = None) -> Group | None:
     if launched_world_size() <= 1:
         return current()
     if not dist.is_initialized():
-        cuda = device is not None and device.type == "cuda"
-        dist.init_process_group(backend="nccl" if cuda else "gloo",
-                                device_id=device if cuda else None)
+        if device is not None and device.type == "cuda":  # one GPU per process: LOCAL_RANK's
+            torch.cuda.set_device(local_device())
+            dist.init_process_group(backend="nccl", device_id=local_device())
+        else:
+            dist.init_process_group(backend="gloo")
     return current()
 
 

@@ -268,3 +268,34 @@ def test_device_map_file_places_layers_on_disk(tmp_path, source):
     llmprune.prune(model, calibration, method="wanda", sparsity=0.5, device="cpu", progress=False)
     ids = calibration[:1]
     assert torch.equal(model(ids).logits, expected(ids).logits)  # the hooks read the pruned store
+
+
+def test_streaming_holds_one_layer_at_a_time(tmp_path, monkeypatch):
+    """Whatever the depth, at most one decoder layer's weights are real at any moment, and none
+    outside the layers once capture is done."""
+    from llmprune import stream
+
+    folder = tmp_path / "deep"
+    tiny_model("llama", num_hidden_layers=6).save_pretrained(folder)
+    real_counts = []
+    enter, leave = stream.StreamFromCheckpoint.enter, stream.StreamFromCheckpoint.leave
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters() if not p.is_meta)
+
+    def checked_enter(self, index, layer):
+        enter(self, index, layer)
+        real_counts.append(count(self.model))
+
+    def checked_leave(self, index, layer):
+        leave(self, index, layer)
+        assert count(self.model) == 0
+
+    monkeypatch.setattr(stream.StreamFromCheckpoint, "enter", checked_enter)
+    monkeypatch.setattr(stream.StreamFromCheckpoint, "leave", checked_leave)
+    out = tmp_path / "out"
+    out.mkdir()
+    stream.prune_streaming(folder, out, _calibration(), method="wanda", sparsity=0.5, pattern=None,
+                           device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    layer_size = sum(p.numel() for p in tiny_model("llama").model.layers[0].parameters())
+    assert real_counts == [layer_size] * 6
