@@ -166,13 +166,14 @@ def refuse_unless_fits(estimate: MemoryEstimate, mode: str, force: bool) -> None
         where, need, have, parts = ("the CUDA device", estimate.device, estimate.device_available, estimate.device_parts)
     detail = ", ".join(f"{name} {_gib(size)}" for name, size in parts.items() if size)
     hints = []
+    activations_dominate = parts.get("activations", 0) >= max(parts.values())
     if mode != "stream":
         hints.append("--stream (one layer in memory at a time)")
-    if mode == "memory":
+    if mode == "memory" and not activations_dominate:
         hints.append("--device-map auto with --offload-folder DIR (weights offloaded to disk)")
     hints.append("fewer --nsamples or a shorter --seqlen (activations scale with both)")
-    if mode == "stream":
-        hints.append("--activations-on-disk")
+    if activations_dominate:
+        hints.append("--stream --activations-on-disk DIR (activations in memory-mapped files)")
     raise UsageError(f"estimated peak memory {_gib(need)} ({detail}) exceeds the {_gib(have)} available on {where}; "
                      f"try {'; or '.join(hints)}; or pass --force to run anyway")
 
