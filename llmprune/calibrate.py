@@ -226,17 +226,30 @@ class MoveToDevice:
 
 class WhereAcceleratePutIt:
     """A model dispatched by accelerate: every layer runs on its own execution device (its hooks
-    move the activations there and load offloaded weights); changes are written back to the
-    offload store (see llmprune.placement.onloaded)."""
+    move the activations there). An offloaded layer is read from its offload store once when
+    the visit starts (not at every batch's forward pass) and written back to it when the visit
+    ends, changes included (see llmprune.placement.onloaded)."""
+
+    def __init__(self):
+        self.visit = None
 
     def enter(self, index: int, layer: nn.Module) -> None:
-        pass
+        self.visit = onloaded(layer, hold=True)
+        self.visit.__enter__()
 
     def writable(self, layer: nn.Module):
-        return onloaded(layer)
+        return nullcontext(layer)
 
     def leave(self, index: int, layer: nn.Module) -> None:
-        pass
+        visit, self.visit = self.visit, None
+        visit.__exit__(None, None, None)
+
+    def abandon(self, index: int, layer: nn.Module) -> None:
+        """The visit failed: nothing is written back, the hooks load from the store again."""
+        visit, self.visit = self.visit, None
+        if visit is not None:
+            failure = RuntimeError(f"the visit of layer {index} failed")
+            visit.__exit__(RuntimeError, failure, None)  # the context's error path: no write-back
 
 
 def default_placement(model: nn.Module, device: torch.device):
@@ -331,25 +344,29 @@ def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, com
             continue
         started = time.perf_counter()
         placement.enter(index, layer)
-        hooks = collect(index, layer) if (collect is not None and inputs is not None) else []
         try:
-            if inputs is not None and (hooks or apply is None):
-                feed(index, layer, propagate=apply is None)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if combine is not None and inputs is not None:
-            combine(index, layer)
-        if apply is not None:
-            with placement.writable(layer):
-                apply(index, layer)
-            if inputs is not None and index + 1 < len(layers):
-                feed(index, layer, propagate=True)
-        if checkpoint is not None:
-            last = index + 1 == len(layers)
-            with placement.writable(layer):
-                state = layer_state(index, layer)
-                checkpoint.save_layer(index, state, None if inputs is None or last else inputs.hidden)
+            hooks = collect(index, layer) if (collect is not None and inputs is not None) else []
+            try:
+                if inputs is not None and (hooks or apply is None):
+                    feed(index, layer, propagate=apply is None)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            if combine is not None and inputs is not None:
+                combine(index, layer)
+            if apply is not None:
+                with placement.writable(layer):
+                    apply(index, layer)
+                if inputs is not None and index + 1 < len(layers):
+                    feed(index, layer, propagate=True)
+            if checkpoint is not None:
+                last = index + 1 == len(layers)
+                with placement.writable(layer):
+                    state = layer_state(index, layer)
+                    checkpoint.save_layer(index, state, None if inputs is None or last else inputs.hidden)
+        except BaseException:
+            getattr(placement, "abandon", lambda *args: None)(index, layer)
+            raise
         placement.leave(index, layer)
         seconds.append(time.perf_counter() - started)
     return seconds

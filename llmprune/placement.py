@@ -93,11 +93,13 @@ def _store(weights_map, name: str, tensor: torch.Tensor) -> None:
 
 
 @contextmanager
-def onloaded(module: nn.Module):
+def onloaded(module: nn.Module, hold: bool = False):
     """Inside: every offloaded tensor of ``module`` is real, on its execution device, and may be
     changed in place or replaced (new shapes, new biases, new submodules). On normal exit, every
     such tensor is written back to its offload store and dropped to meta again, so the next
-    forward pass and ``save_pretrained`` see the change. On an exception nothing is written."""
+    forward pass and ``save_pretrained`` see the change. On an exception nothing is written.
+    ``hold``: the hooks stop loading and dropping the weights at every forward pass meanwhile
+    (a layer visited by many calibration batches is read from the store once, not per batch)."""
     from accelerate.hooks import add_hook_to_module
     from accelerate.utils import set_module_tensor_to_device
 
@@ -105,6 +107,8 @@ def onloaded(module: nn.Module):
     for _, sub, hook in hooked:
         for name in _module_tensors(sub, hook):
             set_module_tensor_to_device(sub, name, hook.execution_device, value=hook.weights_map[name])
+        if hold:
+            hook.offload = False
     written = False
     try:
         yield module
@@ -118,6 +122,7 @@ def onloaded(module: nn.Module):
         written = True
     finally:
         for name, old, hook in hooked:
+            hook.offload = True
             sub = module.get_submodule(name) if name else module
             if sub is old or written:
                 for tensor_name in _module_tensors(sub, hook):

@@ -299,3 +299,19 @@ def test_streaming_holds_one_layer_at_a_time(tmp_path, monkeypatch):
                            device=torch.device("cpu"), dtype=torch.float32, progress=False)
     layer_size = sum(p.numel() for p in tiny_model("llama").model.layers[0].parameters())
     assert real_counts == [layer_size] * 6
+
+
+def test_failed_visit_of_an_offloaded_layer_writes_nothing(tmp_path, source):
+    from llmprune.calibrate import WhereAcceleratePutIt
+
+    model = _load_offloaded(source, tmp_path / "offload")
+    layer = model.model.layers[2]
+    placement = WhereAcceleratePutIt()
+    placement.enter(2, layer)
+    assert not layer.mlp.down_proj.weight.is_meta and not layer.mlp.down_proj._hf_hook.offload
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.zero_()  # a change that must not reach the store
+    placement.abandon(2, layer)
+    assert layer.mlp.down_proj.weight.is_meta and layer.mlp.down_proj._hf_hook.offload
+    ids = _calibration(1)
+    assert torch.allclose(model(ids).logits, tiny_model("llama")(ids).logits, atol=1e-6)
