@@ -59,6 +59,10 @@ def check_memory(model: str, *, dtype: str, mode: str, nsamples: int, seqlen: in
         config = AutoConfig.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code)
     except Exception:  # not found, offline, remote code: load_model reports it properly
         return None
+    from .models.adapters import ADAPTERS
+
+    if getattr(config, "model_type", None) not in ADAPTERS:  # refused after loading, with the list
+        return None
     if mode == "offload" and max_memory is not None and "cpu" in max_memory:
         budget = size_in_bytes(max_memory["cpu"])
     elif mode == "offload":
