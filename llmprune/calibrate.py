@@ -13,20 +13,23 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import LayerCheckpoint
 from .errors import NumericalError, UsageError
 from .methods import NMPattern
 from .models.adapters import DecoderAdapter
 from .placement import execution_device, is_dispatched, onloaded
-from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +85,6 @@ class DiskActivations:
     for activations larger than memory (the operating system pages them in and out)."""
 
     def __init__(self, folder: str, device: torch.device):
-        import tempfile
-        from pathlib import Path
-
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix="llmprune-activations-", dir=folder))
         self.device = device
@@ -114,8 +114,6 @@ class DiskActivations:
             self.mapped[number] = self._map(number, tensor)
 
     def close(self) -> None:
-        import shutil
-
         self.mapped.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
 
