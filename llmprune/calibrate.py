@@ -4,10 +4,13 @@
    catcher that records the arguments the model passes it (hidden states for layer 0; for every
    layer its own positional and keyword arguments, which differ between layer types in models
    such as Gemma 3) and returns the hidden states unchanged.
-2. For each layer: move it to the compute device; feed every batch with hooks on the first linear
-   of each input group collecting statistics; prune each group; feed every batch again so the
-   next layer sees the pruned outputs (written over the inputs, so one activation buffer of
-   nsamples x seqlen x hidden lives at a time); move the layer back.
+2. For each layer: onload it (to the compute device; or where an accelerate device map put it,
+   its offloaded weights read once; or, streaming, from the checkpoint); feed every batch with
+   hooks on the first linear of each input group collecting statistics; combine the statistics
+   across processes (accelerate launch); prune each group; feed every batch again so the next
+   layer sees the pruned outputs (written over the inputs, so one activation buffer of
+   nsamples x seqlen x hidden lives at a time); offload it (back home, back to the offload
+   store with its changes, or to the output shards).
 """
 
 from __future__ import annotations
