@@ -108,6 +108,44 @@ def compare(reference: Path, other: Path) -> dict:
             "masks_equal": all(torch.equal(a[k] == 0, b[k] == 0) for k in a), "max_relative_difference": relative}
 
 
+def write_results(setup: dict, results: list[dict], note: str = "") -> None:
+    """eval/results/bench_scale.{json,md} from the rows measured so far."""
+    model_bytes, base = setup["model_float32_bytes"], setup["baseline_rss_bytes"]
+    base_with_model_code = setup["baseline_with_model_code_rss_bytes"]
+    args = argparse.Namespace(nsamples=setup["nsamples"], seqlen=setup["seqlen"])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_scale.json").write_text(json.dumps({"setup": setup, "note": note, "rows": results}, indent=2) + "\n")
+    memory_row = next((r for r in results if r["row"] == "memory"), None)
+    mib = 2**20
+    lines = [f"Setup: SmolLM2-135M (float32 model: {model_bytes / mib:.0f} MiB), CPU, Wanda 50% unless named; "
+             f"calibration {args.nsamples} x {args.seqlen} tokens from emma + mansfieldpark (seed 0); no evaluation. "
+             f"{setup['machine']}; {setup['threads']}.", "",
+             f"Baselines: an interpreter with torch + transformers imported: {base / mib:.0f} MiB (B); the same with "
+             f"the Llama modelling code imported too: {base_with_model_code / mib:.0f} MiB (B+code).", "",
+             "Peak RSS: whole run = the largest process of the run over its whole life (sampled every 20 ms; for two "
+             "processes each holds its own copy; the tree total is in the JSON); prune phase = the peak inside the "
+             "pruning step (llmprune.json, main process), i.e. after the calibration text is tokenised.", "",
+             "| mode | wall (s) | prune (s) | wall / in-memory | peak RSS whole run (MiB) | (whole - B) / fp32 | "
+             "peak RSS prune phase (MiB) | (prune - B) / fp32 | (prune - B+code) / fp32 | equal to | bitwise | masks | "
+             "max rel. diff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
+    for r in results:
+        ratio = f"{r['wall_s'] / memory_row['wall_s']:.2f}x" if memory_row else "-"
+        diff = f"{r['max_relative_difference']:.1e}" if "max_relative_difference" in r else "-"
+        lines.append(f"| {r['row']} | {r['wall_s']:.1f} | {r['prune_s']:.1f} | {ratio} | "
+                     f"{r['peak_rss_largest_process_bytes'] / mib:.0f} | {r['peak_minus_baseline_over_fp32_model']:.2f}x | "
+                     f"{r['peak_rss_prune_phase_bytes'] / mib:.0f} | "
+                     f"{r['prune_phase_peak_minus_baseline_over_fp32_model']:.2f}x | "
+                     f"{r['prune_phase_peak_minus_baseline_with_model_code_over_fp32_model']:.2f}x | "
+                     f"{r.get('equal_to', '-')} | {r.get('bitwise_equal', '-')} | {r.get('masks_equal', '-')} | {diff} |")
+    lines += ["", "Commands:", ""] + [f"- {r['row']}: `{r['command']}`" for r in results] + [""]
+    if note:
+        lines.insert(1, "")
+        lines.insert(2, note)
+    (RESULTS / "bench_scale.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=";".join(ROWS), help="row names separated by ;")
@@ -163,34 +201,7 @@ def main() -> None:
     if args.model != "llama":  # a trial run: print, keep the committed results
         print(json.dumps(results, indent=1))
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_scale.json").write_text(json.dumps({"setup": setup, "rows": results}, indent=2) + "\n")
-    memory_row = next((r for r in results if r["row"] == "memory"), None)
-    mib = 2**20
-    lines = [f"Setup: SmolLM2-135M (float32 model: {model_bytes / mib:.0f} MiB), CPU, Wanda 50% unless named; "
-             f"calibration {args.nsamples} x {args.seqlen} tokens from emma + mansfieldpark (seed 0); no evaluation. "
-             f"{setup['machine']}; {setup['threads']}.", "",
-             f"Baselines: an interpreter with torch + transformers imported: {base / mib:.0f} MiB (B); the same with "
-             f"the Llama modelling code imported too: {base_with_model_code / mib:.0f} MiB (B+code).", "",
-             "Peak RSS: whole run = the largest process of the run over its whole life (sampled every 20 ms; for two "
-             "processes each holds its own copy; the tree total is in the JSON); prune phase = the peak inside the "
-             "pruning step (llmprune.json, main process), i.e. after the calibration text is tokenised.", "",
-             "| mode | wall (s) | prune (s) | wall / in-memory | peak RSS whole run (MiB) | (whole - B) / fp32 | "
-             "peak RSS prune phase (MiB) | (prune - B) / fp32 | (prune - B+code) / fp32 | equal to | bitwise | masks | "
-             "max rel. diff |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
-    for r in results:
-        ratio = f"{r['wall_s'] / memory_row['wall_s']:.2f}x" if memory_row else "-"
-        diff = f"{r['max_relative_difference']:.1e}" if "max_relative_difference" in r else "-"
-        lines.append(f"| {r['row']} | {r['wall_s']:.1f} | {r['prune_s']:.1f} | {ratio} | "
-                     f"{r['peak_rss_largest_process_bytes'] / mib:.0f} | {r['peak_minus_baseline_over_fp32_model']:.2f}x | "
-                     f"{r['peak_rss_prune_phase_bytes'] / mib:.0f} | "
-                     f"{r['prune_phase_peak_minus_baseline_over_fp32_model']:.2f}x | "
-                     f"{r['prune_phase_peak_minus_baseline_with_model_code_over_fp32_model']:.2f}x | "
-                     f"{r.get('equal_to', '-')} | {r.get('bitwise_equal', '-')} | {r.get('masks_equal', '-')} | {diff} |")
-    lines += ["", "Commands:", ""] + [f"- {r['row']}: `{r['command']}`" for r in results] + [""]
-    (RESULTS / "bench_scale.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(setup, results)
 
 
 if __name__ == "__main__":
