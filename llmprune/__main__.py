@@ -34,6 +34,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m llmprune", description="Prune a Hugging Face causal LM and measure it.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="a YAML recipe (model, data, stages); flags given here override its fields")
     p.add_argument("--model", required=True,
                    help="Hub id, local HF folder, or built-in alias: llama / smollm2 (SmolLM2-135M, offline)")
     p.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt | structured (default wanda)")
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward call")
+    p.add_argument("--schedule", default="uniform",
+                   help="per-layer sparsity: uniform (default) | owl (outlier-weighted, OWL paper) | a "
+                        "comma-separated list with one sparsity per decoder layer")
+    p.add_argument("--owl-m", type=float, default=5.0, help="owl: outlier threshold M x mean score (default 5)")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="owl: layer sparsities range over target +- lambda (default 0.08)")
     p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per block")
     p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening, fraction of mean diag(H)")
     g = p.add_argument_group("structured pruning (--method structured)")
@@ -86,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --stream: keep calibration activations in memory-mapped files under DIR")
     b.add_argument("--force", action="store_true",
                    help="run even when the memory estimate says it will not fit")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                   help="upload the output folder to this Hugging Face Hub repository (token: HF_TOKEN or "
+                        "`hf auth login`); the local folder is written first and kept either way")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -97,10 +109,19 @@ def main(argv: list[str] | None = None) -> int:
 
     written = len(WRITTEN)
     try:
+        from .commands import SUBCOMMANDS
+
+        if argv and argv[0] in SUBCOMMANDS:  # python -m llmprune sweep|eval ...
+            return SUBCOMMANDS[argv[0]](argv[1:])
+        if any(a == "--recipe" or a.startswith("--recipe=") for a in argv):
+            from .pipeline import run_recipe_command
+
+            run_recipe_command(argv, build_parser())
+            return 0
         args = build_parser().parse_args(argv)
         from .cli import run
 
-        run(**{k.replace("-", "_"): v for k, v in vars(args).items()}, argv=argv)
+        run(**{k.replace("-", "_"): v for k, v in vars(args).items() if k != "recipe"}, argv=argv)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

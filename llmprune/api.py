@@ -39,6 +39,7 @@ class PruneReport:
     layer_seconds: list[float] = field(default_factory=list)
     nsamples: int = 0
     seqlen: int = 0
+    schedule: dict = field(default_factory=dict)  # name, per_layer targets (and OWL outlier ratios)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -142,7 +143,8 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
           sparsity: float | None = None, pattern: str | NMPattern | None = None, *,
           device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
           checkpoint: str | os.PathLike | LayerCheckpoint | None = None, run_identity: dict | None = None,
-          placement=None, **method_options) -> PruneReport:
+          schedule: str | list[float] | None = None, owl_m: float = 5.0, owl_lambda: float = 0.08,
+          outlier_ratios: list[float] | None = None, placement=None, **method_options) -> PruneReport:
     """Prune every linear projection of every decoder layer of ``model`` in place.
 
     calibration: [nsamples, seqlen] token ids (not needed for magnitude). sparsity: fraction
@@ -153,14 +155,29 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     more JSON-able facts that a resumed run must share. placement: where each decoder layer runs
     (see llmprune.calibrate.run_layerwise; default: the compute device, or where an accelerate
     device map put it; llmprune.stream passes its own).
+
+    schedule: per-layer sparsities (llmprune.schedules): "uniform" (default), "owl" (outlier-
+    weighted, with owl_m and owl_lambda; outlier_ratios already measured on this dense model skip
+    that pass) or one sparsity per decoder layer; not with N:M patterns. The report's
+    per_layer_sparsity is what was realised, schedule["per_layer"] what was asked.
     """
+    from .schedules import parse_schedule, resolve_schedule
+
     if not isinstance(method, str) or method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     # An NMPattern built by hand is checked like the text it stands for.
     nm = parse_pattern(str(pattern) if isinstance(pattern, NMPattern) else pattern)
+    schedule = parse_schedule(schedule)
+    if isinstance(schedule, list):  # the target is the mean of the listed layer sparsities
+        mean = sum(schedule) / len(schedule)
+        if sparsity is not None and abs(float(check_sparsity(sparsity, None)) - mean) > 1e-6:
+            raise UsageError(f"--sparsity {sparsity} disagrees with the mean {mean:g} of the --schedule list; omit it")
+        sparsity = mean
     if sparsity is None:
         sparsity = nm.sparsity if nm else 0.5
     target = check_sparsity(sparsity, nm)
+    if nm is not None and schedule != "uniform":
+        raise UsageError(f"--schedule applies to unstructured sparsity; --pattern {nm} fixes every layer at {nm.sparsity:g}")
     adapter = adapter_for(model)
     check_pattern_fits(model, nm)
     _check_method_options(method, method_options)
@@ -171,10 +188,15 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     check_batch_size(batch_size)
     model.eval()
     started = time.perf_counter()
+    plan = resolve_schedule(model, schedule, target, calibration, torch.device(device), owl_m=owl_m,
+                            owl_lambda=owl_lambda, batch_size=batch_size, progress=progress,
+                            outlier_ratios=outlier_ratios)
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = prune_checkpoint(checkpoint, model, calibration, method, target, nm, batch_size,
-                                      run_identity, **method_options)
-    record = prune_layerwise(model, adapter, pruner, target, nm, calibration, torch.device(device),
+                                      {**(run_identity or {}), **({} if plan.name == "uniform" else
+                                                                   {"schedule": plan.as_dict()})}, **method_options)
+    per_layer_target = plan.per_layer if plan.name != "uniform" else target
+    record = prune_layerwise(model, adapter, pruner, per_layer_target, nm, calibration, torch.device(device),
                              batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement)
     seconds = time.perf_counter() - started
 
@@ -189,4 +211,5 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
                        overall_sparsity=zeros / max(1, numel), per_layer_sparsity=per_layer,
                        modules=record.modules, seconds=seconds, layer_seconds=record.layer_seconds,
                        nsamples=0 if calibration is None else int(calibration.shape[0]),
-                       seqlen=0 if calibration is None else int(calibration.shape[1]))
+                       seqlen=0 if calibration is None else int(calibration.shape[1]),
+                       schedule=plan.as_dict())

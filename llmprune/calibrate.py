@@ -373,12 +373,13 @@ def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, com
     return seconds
 
 
-def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float,
+def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float | list[float],
                     pattern: NMPattern | None, calibration_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 1, progress: bool = True,
                     checkpoint: LayerCheckpoint | None = None, placement=None) -> PruneRecord:
     """Prune every linear projection of every decoder layer in place; see the module docstring.
-    With a checkpoint, each pruned layer's linear weights are committed after it is done."""
+    With a checkpoint, each pruned layer's linear weights are committed after it is done.
+    sparsity: one fraction for every layer, or a list with one per decoder layer (a schedule)."""
     if method.needs_calibration and calibration_ids is None:
         raise ValueError(f"method {method.name} needs calibration token ids")
     record = PruneRecord()
@@ -416,7 +417,8 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
                 if hasattr(stats, attribute):
                     _check_finite(getattr(stats, attribute), f"calibration statistics of {names[g][0]}")
             weights = [linear.weight.detach().float() for _, linear in groups[g]]
-            return method.prune_group(weights, stats, sparsity, pattern, name=", ".join(names[g]))
+            layer_sparsity = sparsity[index] if isinstance(sparsity, (list, tuple)) else sparsity
+            return method.prune_group(weights, stats, layer_sparsity, pattern, name=", ".join(names[g]))
 
         def shapes(g):
             return [(tuple(linear.weight.shape), torch.float32, linear.weight.device) for _, linear in groups[g]]

@@ -22,6 +22,7 @@ from .models.adapters import adapter_for
 from .models.loading import base_model_id, load_model
 from .placement import is_dispatched
 from .save import check_output_folder, model_card, save_folder
+from .schedules import check_owl_options, parse_schedule
 from .structured import check_structured, check_structured_options, prune_structured, structured_checkpoint
 
 
@@ -55,7 +56,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1, speed: bool = False,
         checkpoint_dir: str | None = None, device_map: str | None = None, max_memory: str | None = None,
         offload_folder: str | None = None, stream: bool = False, activations_on_disk: str | None = None,
-        force: bool = False) -> dict:
+        force: bool = False, schedule: str = "uniform", owl_m: float = 5.0,
+        owl_lambda: float = 0.08, push_to_hub: str | None = None, private: bool = False) -> dict:
     started = time.perf_counter()
     progress = not no_progress
     if no_progress:
@@ -79,6 +81,14 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     _positive("blocksize", blocksize)
     if not 0 < percdamp < 10:
         raise UsageError(f"--percdamp must be in (0, 10), got {percdamp}")
+    schedule = parse_schedule(schedule)
+    if schedule != "uniform":
+        if structured or nm is not None:
+            raise UsageError("--schedule applies to unstructured sparsity (not to --method structured or N:M patterns)")
+        if schedule == "owl":
+            check_owl_options(owl_m, owl_lambda)
+        if isinstance(schedule, list) and not explicit:
+            target = sum(schedule) / len(schedule)
     if structured:  # before the output name below uses them
         check_structured_options(heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
     compute = check_device(device)
@@ -95,13 +105,21 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         tag = f"h{round(float(heads) * 100)}-f{round(float(ffn) * 100)}-l{layers}-{score}"
     else:
         tag = str(nm).replace(":", "of") if nm else f"{round(target * 100):d}"
+        tag += "-owl" if schedule == "owl" else "-schedule" if isinstance(schedule, list) else ""
     target_folder = (check_output_folder(output, overwrite) if output is not None
                      else _default_output(model, method, tag))
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
+    if private and not push_to_hub:
+        raise UsageError("--private applies to --push-to-hub, which was not given")
+    if push_to_hub:
+        from .publish import check_repo_id
 
-    needs_data = (score != "magnitude" or layers > 0) if structured else METHODS[method].needs_calibration
+        check_repo_id(push_to_hub)
+
+    needs_data = ((score != "magnitude" or layers > 0) if structured
+                  else METHODS[method].needs_calibration or schedule == "owl")
     mode = scale.mode_of(placement["device_map"], stream)
     estimate = scale.check_memory(model, dtype=dtype, mode=mode, nsamples=nsamples, seqlen=seqlen,
                                   batch_size=batch_size, method="structured" if structured else method,
@@ -148,6 +166,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         if structured:
             checkpoint = structured_checkpoint(checkpoint_dir, lm, calibration, structured_options, batch_size, identity)
         else:
+            if schedule != "uniform":
+                identity["schedule"] = {"schedule": schedule, "owl_m": owl_m, "owl_lambda": owl_lambda}
             checkpoint = prune_checkpoint(checkpoint_dir, lm, calibration, method, target, nm, batch_size,
                                           identity, **options)
 
@@ -180,7 +200,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
                                       batch_size=batch_size, progress=progress, checkpoint=checkpoint)
         else:
             report = prune(lm, calibration, method=method, sparsity=target, pattern=nm, device=compute,
-                           batch_size=batch_size, progress=progress, checkpoint=checkpoint, **options)
+                           batch_size=batch_size, progress=progress, checkpoint=checkpoint, schedule=schedule,
+                           owl_m=owl_m, owl_lambda=owl_lambda, **options)
     timings["prune_s"] = report.seconds
     peak = {"rss_before_prune_bytes": memory.start, "rss_peak_prune_bytes": memory.peak,
             "rss_growth_prune_bytes": memory.growth}
@@ -235,8 +256,10 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         removed = (f"layers {report.removed_layers or 'none'}; layer sizes "
                    f"{'uniform ' + str(report.layer_sizes[0]) if report.uniform else 'per layer (see llmprune.json)'}")
     else:
-        what = f"{method} ({report.pattern}, target {target:g})"
+        what = f"{method} ({report.pattern}, target {target:g}, schedule {report.schedule['name']})"
         removed = f"{report.overall_sparsity:.4f} of decoder linear weights"
+        if report.schedule["name"] != "uniform":
+            removed += " (per layer " + ", ".join(f"{x:.3f}" for x in report.per_layer_sparsity) + ")"
     rows = [("method", what), ("removed" if structured else "realised sparsity", removed),
             ("parameters", f"{params_before['nonzero']:,} -> {params_after['nonzero']:,} nonzero "
                            f"({params_after['parameters']:,} stored)"),
@@ -253,5 +276,9 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
              ("output", str(folder))]
     print("\nllmprune summary", flush=True)
     print(_summary(rows), flush=True)
+    if push_to_hub:  # after the local folder is complete; a failure leaves it as it is
+        from .publish import push_folder
+
+        print(f"  published  {push_folder(folder, push_to_hub, private=private)}", flush=True)
     distributed.barrier()
     return run_report

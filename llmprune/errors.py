@@ -19,3 +19,10 @@ class OutputError(Exception):
     The CLI prints ``error: <message>`` and exits with code 1; no output folder and no
     temporary folder are left behind (an existing folder being replaced is kept).
     """
+
+
+class PublishError(OutputError):
+    """Publishing a complete output folder to the Hub failed (no token, no network, refused).
+
+    The CLI prints ``error: <message>`` and exits with code 1; the local folder is complete and kept.
+    """

@@ -76,17 +76,20 @@ def _name_max(folder: Path) -> int:
 
 
 def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card: str,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, extra_files=None) -> Path:
     """Write model + tokenizer + README.md + llmprune.json to ``target`` atomically.
 
     Killed at any moment, ``target`` is absent, the old folder (when replacing one) or the complete
     new one. Ctrl-C (KeyboardInterrupt) removes the temporary folder; an interrupt that arrives
     while the folder is being put in place is held until that is done. A failed write (disk full,
     permission lost) raises OutputError with nothing left behind and an old folder kept.
+    extra_files(folder): writes more files into the temporary folder before it is put in place.
     """
     with atomic_folder(target, overwrite) as tmp:
         _test_pause()
         model.save_pretrained(tmp, safe_serialization=True)
+        if extra_files is not None:
+            extra_files(tmp)
         write_companions(tmp, model.config, tokenizer, report, card)
     return Path(target).expanduser().resolve()
 
@@ -476,6 +479,10 @@ def model_card(base_model: str, report: dict) -> str:
         summary = {"method": method, "pattern": report["prune"]["pattern"],
                    "target_sparsity": report["prune"]["target_sparsity"],
                    "realised_sparsity": round(report["prune"]["overall_sparsity"], 6)}
+        schedule = report["prune"].get("schedule") or {}
+        if schedule.get("name", "uniform") != "uniform":
+            summary["schedule"] = schedule["name"]
+            summary["realised_per_layer_sparsity"] = [round(x, 4) for x in report["prune"]["per_layer_sparsity"]]
         title = f"{report['prune']['pattern']}, {report['prune']['overall_sparsity']:.1%} of decoder linear weights removed"
         storage = ("Unstructured and N:M sparsity is stored dense, with zeros in the removed positions: no "
                    "sparse checkpoint format is written, so the files are as large as the base model's and "
