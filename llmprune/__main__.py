@@ -17,6 +17,10 @@ presets wikitext2, c4, ptb (Hugging Face datasets, need the Hub or its cache); o
 docstrings of this Python's standard library (offline; calibration and evaluation parts share no
 file). Unstructured results are saved dense, with zeros.
 
+Several processes: accelerate launch --num_processes N -m llmprune ... splits the calibration
+samples (on a CPU-only machine add --multi_gpu, which selects accelerate's torchrun launcher; gloo
+is used on CPU, NCCL on GPUs). Only the main process writes the output.
+
 Exit codes: 0 success, 2 bad input (nothing written), 1 numerical failure or output that cannot be
 written (disk full: no folder, no temporary left), 130 interrupted (no partial output folder).
 """
@@ -87,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="commit every finished layer to DIR; rerunning the same command resumes there "
                         "(a different command is refused); DIR is deleted once the output is written")
+    b = p.add_argument_group("big models and several processes")
+    b.add_argument("--device-map", default=None, metavar="MAP",
+                   help="load through accelerate: auto | balanced | balanced_low_0 | sequential | FILE.json "
+                        "({module: device}); each layer is pruned where it lives (GPUs, CPU, disk)")
+    b.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    b.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="with --device-map: where weights that fit nowhere else are offloaded")
+    b.add_argument("--stream", action="store_true",
+                   help="models larger than memory: read, prune and write one decoder layer at a time "
+                        "(sharded output; no perplexity)")
+    b.add_argument("--activations-on-disk", default=None, metavar="DIR",
+                   help="with --stream: keep calibration activations in memory-mapped files under DIR")
+    b.add_argument("--force", action="store_true",
+                   help="run even when the memory estimate says it will not fit")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                    help="upload the output folder to this Hugging Face Hub repository (token: HF_TOKEN or "
                         "`hf auth login`); the local folder is written first and kept either way")

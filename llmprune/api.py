@@ -144,7 +144,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
           device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
           checkpoint: str | os.PathLike | LayerCheckpoint | None = None, run_identity: dict | None = None,
           schedule: str | list[float] | None = None, owl_m: float = 5.0, owl_lambda: float = 0.08,
-          outlier_ratios: list[float] | None = None, **method_options) -> PruneReport:
+          outlier_ratios: list[float] | None = None, placement=None, **method_options) -> PruneReport:
     """Prune every linear projection of every decoder layer of ``model`` in place.
 
     calibration: [nsamples, seqlen] token ids (not needed for magnitude). sparsity: fraction
@@ -152,7 +152,9 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     method_options go to the method (sparsegpt: blocksize, percdamp). The embeddings and the LM
     head are never pruned. checkpoint: a folder (or ``prune_checkpoint(...)``) where every finished
     layer is committed and from which a rerun resumes (see llmprune.checkpoint); run_identity:
-    more JSON-able facts that a resumed run must share.
+    more JSON-able facts that a resumed run must share. placement: where each decoder layer runs
+    (see llmprune.calibrate.run_layerwise; default: the compute device, or where an accelerate
+    device map put it; llmprune.stream passes its own).
 
     schedule: per-layer sparsities (llmprune.schedules): "uniform" (default), "owl" (outlier-
     weighted, with owl_m and owl_lambda; outlier_ratios already measured on this dense model skip
@@ -195,7 +197,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
                                                                    {"schedule": plan.as_dict()})}, **method_options)
     per_layer_target = plan.per_layer if plan.name != "uniform" else target
     record = prune_layerwise(model, adapter, pruner, per_layer_target, nm, calibration, torch.device(device),
-                             batch_size=batch_size, progress=progress, checkpoint=checkpoint)
+                             batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement)
     seconds = time.perf_counter() - started
 
     layers = len(adapter.layers(model))

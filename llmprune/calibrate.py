@@ -4,26 +4,35 @@
    catcher that records the arguments the model passes it (hidden states for layer 0; for every
    layer its own positional and keyword arguments, which differ between layer types in models
    such as Gemma 3) and returns the hidden states unchanged.
-2. For each layer: move it to the compute device; feed every batch with hooks on the first linear
-   of each input group collecting statistics; prune each group; feed every batch again so the
-   next layer sees the pruned outputs (written over the inputs, so one activation buffer of
-   nsamples x seqlen x hidden lives at a time); move the layer back.
+2. For each layer: onload it (to the compute device; or where an accelerate device map put it,
+   its offloaded weights read once; or, streaming, from the checkpoint); feed every batch with
+   hooks on the first linear of each input group collecting statistics; combine the statistics
+   across processes (accelerate launch); prune each group; feed every batch again so the next
+   layer sees the pruned outputs (written over the inputs, so one activation buffer of
+   nsamples x seqlen x hidden lives at a time); offload it (back home, back to the offload
+   store with its changes, or to the output shards).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import LayerCheckpoint
 from .errors import NumericalError, UsageError
 from .methods import NMPattern
 from .models.adapters import DecoderAdapter
+from .placement import execution_device, is_dispatched, onloaded
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +82,54 @@ def _decoder_layer_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class DiskActivations:
+    """The hidden states of the calibration batches in memory-mapped files, one per batch, in a
+    temporary folder under ``folder``: the list the runner reads and overwrites layer by layer,
+    for activations larger than memory (the operating system pages them in and out)."""
+
+    def __init__(self, folder: str, device: torch.device):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="llmprune-activations-", dir=folder))
+        self.device = device
+        self.mapped: list[torch.Tensor] = []
+
+    def _map(self, number: int, tensor: torch.Tensor) -> torch.Tensor:
+        path = self.folder / f"batch-{number}-{tensor.numel()}.bin"
+        mapped = torch.from_file(str(path), shared=True, size=tensor.numel(), dtype=tensor.dtype)
+        return mapped.view(tensor.shape).copy_(tensor)
+
+    def append(self, tensor: torch.Tensor) -> None:
+        self.mapped.append(self._map(len(self.mapped), tensor))
+
+    def __len__(self) -> int:
+        return len(self.mapped)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, number: int) -> torch.Tensor:
+        return self.mapped[number].to(self.device)
+
+    def __setitem__(self, number: int, tensor: torch.Tensor) -> None:
+        if tensor.shape == self.mapped[number].shape and tensor.dtype == self.mapped[number].dtype:
+            self.mapped[number].copy_(tensor)
+        else:
+            self.mapped[number] = self._map(number, tensor)
+
+    def close(self) -> None:
+        self.mapped.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, input_ids: torch.Tensor,
-                         batch_size: int, device: torch.device) -> LayerInputs:
-    """Run the embeddings once per batch of input_ids [nsamples, seqlen] and record layer inputs."""
+                         batch_size: int, device: torch.device, hidden=None) -> LayerInputs:
+    """Run the embeddings once per batch of input_ids [nsamples, seqlen] and record layer inputs
+    (the hidden states into ``hidden``, a list or a DiskActivations)."""
     decoder = adapter.decoder(model)
     layers = adapter.layers(model)
     originals = list(layers)
-    captured = LayerInputs(hidden=[], layer_args=[[] for _ in originals])
+    captured = LayerInputs(hidden=[] if hidden is None else hidden, layer_args=[[] for _ in originals])
 
     def record(index, hidden_states, args, kwargs):
         if index == 0:
@@ -92,17 +141,22 @@ def capture_layer_inputs(model: nn.Module, adapter: DecoderAdapter, input_ids: t
                 kwargs[key] = None
         captured.layer_args[index].append((args, kwargs))
 
-    # Everything but the decoder layers runs on the compute device during capture.
-    others = [m for name, m in decoder.named_children() if name != "layers"]
+    # Everything but the decoder layers runs on the compute device during capture; with a device
+    # map accelerate's hooks place it, and what is still on the meta device (streaming: the final
+    # norm) is not needed before the last catcher stops the pass.
+    dispatched = is_dispatched(model)
+    others = [m for name, m in decoder.named_children() if name != "layers" and not dispatched
+              and not any(t.is_meta for t in [*m.parameters(), *m.buffers()])]
     home = {id(m): next(m.parameters(), torch.empty(0)).device for m in others}
     for m in others:
         m.to(device)
     for i, layer in enumerate(originals):
         layers[i] = _LayerCatcher(layer, i, record, last=i == len(originals) - 1)
+    embedding_device = execution_device(decoder.get_input_embeddings(), device)
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             try:
-                decoder(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+                decoder(input_ids=input_ids[start:start + batch_size].to(embedding_device), use_cache=False)
             except _StopCapture:
                 pass
     finally:
@@ -153,17 +207,83 @@ def _first_non_finite(layer: nn.Module, index: int, hidden: torch.Tensor, args: 
     return f"the output of model.layers.{index}.{found[0]}" if found else f"the output of model.layers.{index}"
 
 
+class MoveToDevice:
+    """Where a layer runs when nothing else says so: it visits the compute device and goes home."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.home = None
+
+    def enter(self, index: int, layer: nn.Module) -> None:
+        self.home = next(layer.parameters()).device
+        layer.to(self.device)
+
+    def writable(self, layer: nn.Module):
+        return nullcontext(layer)
+
+    def leave(self, index: int, layer: nn.Module) -> None:
+        layer.to(self.home)
+
+
+class WhereAcceleratePutIt:
+    """A model dispatched by accelerate: every layer runs on its own execution device (its hooks
+    move the activations there). An offloaded layer is read from its offload store once when
+    the visit starts (not at every batch's forward pass) and written back to it when the visit
+    ends, changes included (see llmprune.placement.onloaded)."""
+
+    def __init__(self):
+        self.visit = None
+
+    def enter(self, index: int, layer: nn.Module) -> None:
+        self.visit = onloaded(layer, hold=True)
+        self.visit.__enter__()
+
+    def writable(self, layer: nn.Module):
+        return nullcontext(layer)
+
+    def leave(self, index: int, layer: nn.Module) -> None:
+        visit, self.visit = self.visit, None
+        visit.__exit__(None, None, None)
+
+    def abandon(self, index: int, layer: nn.Module) -> None:
+        """The visit failed: nothing is written back, the hooks load from the store again."""
+        visit, self.visit = self.visit, None
+        if visit is not None:
+            failure = RuntimeError(f"the visit of layer {index} failed")
+            visit.__exit__(RuntimeError, failure, None)  # the context's error path: no write-back
+
+
+def default_placement(model: nn.Module, device: torch.device):
+    return WhereAcceleratePutIt() if is_dispatched(model) else MoveToDevice(device)
+
+
+def _share_of_batches(calibration_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This process's contiguous share of the calibration batches (all of them for one process)."""
+    batches = -(-calibration_ids.shape[0] // batch_size)
+    share = distributed.batch_share(batches, distributed.current())
+    return calibration_ids[share.start * batch_size:share.stop * batch_size]
+
+
 @torch.no_grad()
 def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: torch.Tensor | None,
                   device: torch.device, *, collect=None, apply=None, batch_size: int = 1,
                   progress: bool = True, desc: str = "layers", checkpoint: LayerCheckpoint | None = None,
-                  layer_state=None, restore_layer=None) -> list[float]:
-    """Visit every decoder layer on ``device``, one at a time; return seconds per layer.
+                  layer_state=None, restore_layer=None, combine=None, placement=None) -> list[float]:
+    """Visit every decoder layer, one at a time, where ``placement`` runs it; return seconds per layer.
 
     collect(index, layer) -> hook handles that gather statistics while calibration batches run.
+    combine(index, layer), after the statistics pass, merges statistics across processes.
     apply(index, layer) changes the layer (pruning). With ``apply``: a statistics pass, the hooks
     removed, apply, then a propagation pass so the next layer sees the changed outputs. Without:
     one pass that both feeds the hooks and propagates. No calibration_ids: no passes at all.
+
+    placement: ``enter(index, layer)`` before a layer's passes, ``writable(layer)`` a context in
+    which its weights are real and changes persist, ``leave(index, layer)`` after. Default: move
+    the layer to ``device`` and back; for a model dispatched by accelerate, run it where it is.
+    A placement with an ``activation_folder`` keeps the hidden states between layers in
+    memory-mapped files there (DiskActivations) instead of memory.
+    Under ``accelerate launch`` (a torch.distributed group) each process calibrates on its own
+    share of the batches.
 
     With a ``checkpoint``: after each layer, layer_state(index, layer) -> {name: tensor} is
     committed together with the next layer's inputs; layers an earlier run finished are not run
@@ -171,9 +291,24 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
     the first unfinished layer replace the captured ones.
     """
     layers = adapter.layers(model)
+    placement = placement if placement is not None else default_placement(model, device)
     inputs = None
-    if calibration_ids is not None:
-        inputs = capture_layer_inputs(model, adapter, calibration_ids, batch_size, device)
+    activation_folder = getattr(placement, "activation_folder", None)
+    on_disk = DiskActivations(activation_folder, device) if activation_folder and calibration_ids is not None else None
+    try:
+        if calibration_ids is not None:
+            inputs = capture_layer_inputs(model, adapter, _share_of_batches(calibration_ids, batch_size),
+                                          batch_size, device, hidden=on_disk)
+        return _visit_layers(model, adapter, layers, inputs, placement, collect, apply, combine, checkpoint,
+                             layer_state, restore_layer, progress, desc)
+    finally:
+        if on_disk is not None:
+            on_disk.close()
+
+
+def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, combine, checkpoint,
+                  layer_state, restore_layer, progress, desc) -> list[float]:
+    """The layer loop of run_layerwise (see there)."""
     resume_at = checkpoint.open() if checkpoint is not None else 0
     if resume_at:
         if resume_at > len(layers):
@@ -181,7 +316,10 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
                              f"but the model has {len(layers)}")
         log.warning("resuming from the checkpoint in %s: layers 0-%d are done", checkpoint.folder, resume_at - 1)
         for index in range(resume_at):
-            restore_layer(index, layers[index], checkpoint.load_layer(index))
+            placement.enter(index, layers[index])
+            with placement.writable(layers[index]):
+                restore_layer(index, layers[index], checkpoint.load_layer(index))
+            placement.leave(index, layers[index])
         if inputs is not None and resume_at < len(layers):
             inputs.hidden = checkpoint.load_inputs(resume_at, like=inputs.hidden)
 
@@ -206,23 +344,31 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
             seconds.append(0.0)
             continue
         started = time.perf_counter()
-        home = next(layer.parameters()).device
-        layer.to(device)
-        hooks = collect(index, layer) if (collect is not None and inputs is not None) else []
+        placement.enter(index, layer)
         try:
-            if inputs is not None and (hooks or apply is None):
-                feed(index, layer, propagate=apply is None)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if apply is not None:
-            apply(index, layer)
-            if inputs is not None and index + 1 < len(layers):
-                feed(index, layer, propagate=True)
-        if checkpoint is not None:
-            last = index + 1 == len(layers)
-            checkpoint.save_layer(index, layer_state(index, layer), None if inputs is None or last else inputs.hidden)
-        layer.to(home)
+            hooks = collect(index, layer) if (collect is not None and inputs is not None) else []
+            try:
+                if inputs is not None and (hooks or apply is None):
+                    feed(index, layer, propagate=apply is None)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            if combine is not None and inputs is not None:
+                combine(index, layer)
+            if apply is not None:
+                with placement.writable(layer):
+                    apply(index, layer)
+                if inputs is not None and index + 1 < len(layers):
+                    feed(index, layer, propagate=True)
+            if checkpoint is not None:
+                last = index + 1 == len(layers)
+                with placement.writable(layer):
+                    state = layer_state(index, layer)
+                    checkpoint.save_layer(index, state, None if inputs is None or last else inputs.hidden)
+        except BaseException:
+            getattr(placement, "abandon", lambda *args: None)(index, layer)
+            raise
+        placement.leave(index, layer)
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -230,7 +376,7 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
 def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float | list[float],
                     pattern: NMPattern | None, calibration_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 1, progress: bool = True,
-                    checkpoint: LayerCheckpoint | None = None) -> PruneRecord:
+                    checkpoint: LayerCheckpoint | None = None, placement=None) -> PruneRecord:
     """Prune every linear projection of every decoder layer in place; see the module docstring.
     With a checkpoint, each pruned layer's linear weights are committed after it is done.
     sparsity: one fraction for every layer, or a list with one per decoder layer (a schedule)."""
@@ -239,9 +385,13 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
     record = PruneRecord()
     statistics: list = []  # per input group of the current layer
 
+    group_of_processes = distributed.current()
+
     def collect(index, layer):
         groups = adapter.linear_groups(layer)
-        statistics[:] = [method.new_statistics(group[0][1].in_features, device) for group in groups]
+        where = execution_device(layer, device)  # statistics live where the layer computes
+        statistics[:] = [distributed.accumulator(lambda n=group[0][1].in_features: method.new_statistics(n, where),
+                                                 group_of_processes) for group in groups]
 
         def record(stats, last):
             def hook(module, args):
@@ -253,17 +403,30 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         return [group[0][1].register_forward_pre_hook(record(stats, last=i == len(groups) - 1))
                 for i, (group, stats) in enumerate(zip(groups, statistics))]
 
+    def combine(index, layer):  # sums over the processes' batches (a no-op for one process)
+        statistics[:] = [distributed.combine(stats, group_of_processes) for stats in statistics]
+
     def apply(index, layer):
         groups = adapter.linear_groups(layer)
-        for group, stats in zip(groups, statistics or [None] * len(groups)):
-            names = [f"model.layers.{index}.{name}" for name, _ in group]
+        group_statistics = statistics or [None] * len(groups)
+        names = [[f"model.layers.{index}.{name}" for name, _ in group] for group in groups]
+
+        def solve(g):  # float32 [out_i, in] matrices in, pruned matrices out
+            stats = group_statistics[g]
             for attribute in ("sum_of_squares", "sum_xtx"):
                 if hasattr(stats, attribute):
-                    _check_finite(getattr(stats, attribute), f"calibration statistics of {names[0]}")
-            weights = [linear.weight.detach().float() for _, linear in group]  # [out_i, in]
+                    _check_finite(getattr(stats, attribute), f"calibration statistics of {names[g][0]}")
+            weights = [linear.weight.detach().float() for _, linear in groups[g]]
             layer_sparsity = sparsity[index] if isinstance(sparsity, (list, tuple)) else sparsity
-            pruned = method.prune_group(weights, stats, layer_sparsity, pattern, name=", ".join(names))
-            for (_, linear), new_weight, full_name in zip(group, pruned, names):
+            return method.prune_group(weights, stats, layer_sparsity, pattern, name=", ".join(names[g]))
+
+        def shapes(g):
+            return [(tuple(linear.weight.shape), torch.float32, linear.weight.device) for _, linear in groups[g]]
+
+        # Each group is solved by one process (all of them for a single process), then shared.
+        for group, pruned, group_names in zip(groups, distributed.solve_spread(len(groups), solve, shapes,
+                                                                              group_of_processes), names):
+            for (_, linear), new_weight, full_name in zip(group, pruned, group_names):
                 _check_finite(new_weight, f"pruned weight of {full_name}")
                 linear.weight.copy_(new_weight.to(linear.weight.dtype))
         statistics.clear()
@@ -289,5 +452,5 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         model, adapter, calibration_ids if method.needs_calibration else None, device,
         collect=collect if method.needs_calibration else None, apply=apply, batch_size=batch_size,
         progress=progress, desc=f"{method.name}: layers", checkpoint=checkpoint, layer_state=layer_state,
-        restore_layer=restore_layer)
+        restore_layer=restore_layer, combine=combine if method.needs_calibration else None, placement=placement)
     return record

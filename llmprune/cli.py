@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, data
+from . import __version__, data, distributed, scale
 from .api import check_device, check_pattern_fits, check_sparsity, prune, prune_checkpoint
 from .checkpoint import remove_checkpoint
 from .errors import UsageError
@@ -20,25 +20,10 @@ from .memory import PeakRSS
 from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import base_model_id, load_model
+from .placement import is_dispatched
 from .save import check_output_folder, model_card, save_folder
 from .schedules import check_owl_options, parse_schedule
 from .structured import check_structured, check_structured_options, prune_structured, structured_checkpoint
-
-
-def _check_calibration_fits(nsamples: int, seqlen: int, lm, compute: torch.device) -> None:
-    """Refuse a calibration set whose token ids or layer activations cannot fit in memory at all
-    (the runner keeps nsamples x seqlen x hidden activations on the compute device)."""
-    import psutil
-
-    tokens = nsamples * seqlen
-    element = next(lm.parameters()).element_size()
-    activations = tokens * getattr(lm.config, "hidden_size", 1) * element
-    ram = psutil.virtual_memory().total
-    room = torch.cuda.get_device_properties(compute).total_memory if compute.type == "cuda" else ram
-    if tokens * 8 > ram or activations > room:
-        raise UsageError(f"--nsamples {nsamples} x --seqlen {seqlen} calibration tokens need about "
-                         f"{max(activations, tokens * 8) / 2**30:,.0f} GiB, more than the "
-                         f"{room / 2**30:,.0f} GiB of memory of {compute}")
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> int:
@@ -69,7 +54,9 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         percdamp: float, trust_remote_code: bool, no_progress: bool, argv: list[str], heads: float = 0.0,
         ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
         gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1, speed: bool = False,
-        checkpoint_dir: str | None = None, schedule: str = "uniform", owl_m: float = 5.0,
+        checkpoint_dir: str | None = None, device_map: str | None = None, max_memory: str | None = None,
+        offload_folder: str | None = None, stream: bool = False, activations_on_disk: str | None = None,
+        force: bool = False, schedule: str = "uniform", owl_m: float = 5.0,
         owl_lambda: float = 0.08, push_to_hub: str | None = None, private: bool = False,
         early_exit: bool = False, token_skip: bool = False, max_ppl_increase: float | None = None,
         min_agreement: float | None = None, exit_layers: str | None = None, lossless: bool = False) -> dict:
@@ -92,6 +79,10 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
 
         if checkpoint_dir is not None:
             raise UsageError("--checkpoint-dir is not supported by --method dynamic (its calibration is two passes)")
+        placement = [f"--{k}" for k, v in (("device-map", device_map), ("max-memory", max_memory),
+                     ("offload-folder", offload_folder), ("stream", stream), ("activations-on-disk", activations_on_disk)) if v]
+        if placement:
+            raise UsageError(f"{', '.join(placement)} not supported by --method dynamic (it loads the whole model)")
         for name, value, minimum in (("nsamples", nsamples, 1), ("seqlen", seqlen, 2), ("eval-seqlen", eval_seqlen, 2),
                                      ("eval-tokens", eval_tokens, 0), ("batch-size", batch_size, 1)):
             _positive(name, value, minimum)
@@ -127,6 +118,12 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     if structured:  # before the output name below uses them
         check_structured_options(heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
     compute = check_device(device)
+    group = distributed.init_from_environment(compute)  # under accelerate launch: one of N processes
+    if group is not None and compute.type == "cuda":
+        compute = distributed.local_device()
+    placement = scale.check_options(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                                    stream=stream, activations_on_disk=activations_on_disk, structured=structured,
+                                    checkpoint_dir=checkpoint_dir, group=group)
     if dtype == "auto":
         dtype = "bfloat16" if compute.type == "cuda" else "float32"
     evaluate_sources = None if [s.lower() for s in eval_data] == ["none"] else eval_data
@@ -147,9 +144,28 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
 
         check_repo_id(push_to_hub)
 
+    needs_data = ((score != "magnitude" or layers > 0) if structured
+                  else METHODS[method].needs_calibration or schedule == "owl")
+    mode = scale.mode_of(placement["device_map"], stream)
+    estimate = scale.check_memory(model, dtype=dtype, mode=mode, nsamples=nsamples, seqlen=seqlen,
+                                  batch_size=batch_size, method="structured" if structured else method,
+                                  needs_data=needs_data, max_memory=placement["max_memory"],
+                                  activations_on_disk=bool(activations_on_disk), compute=compute, force=force,
+                                  trust_remote_code=trust_remote_code, group=group)
+    options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
+    if stream:
+        return scale.run_streaming(model=model, method=method, target=target, nm=nm, calib_data=calib_data,
+                                   nsamples=nsamples, seqlen=seqlen, seed=seed, target_folder=target_folder,
+                                   overwrite=overwrite, compute=compute, dtype=dtype, batch_size=batch_size,
+                                   options=options, progress=progress, activations_on_disk=activations_on_disk,
+                                   trust_remote_code=trust_remote_code, argv=argv, estimate=estimate,
+                                   started=started, group=group)
+
     timings = {}
     t = time.perf_counter()
-    lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                               offload_folder=offload_folder, **placement)
+    dispatched = is_dispatched(lm)
     adapter_for(lm)
     structured_options = dict(heads=heads, ffn=ffn, layers=layers, score=score, allocation=allocation, gqa=gqa,
                               round_to=round_to, round_heads_to=round_heads_to)
@@ -160,9 +176,6 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    needs_data = (score != "magnitude" or layers > 0) if structured else METHODS[method].needs_calibration or schedule == "owl"
-    if needs_data:
-        _check_calibration_fits(nsamples, seqlen, lm, compute)
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_data else None
     evaluation = None
     if evaluate_sources is not None:
@@ -172,7 +185,6 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
                              f"--eval-seqlen window of {eval_seqlen}")
     timings["data_s"] = time.perf_counter() - t
 
-    options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
     checkpoint = None
     if checkpoint_dir is not None:  # opened now, so that a different run there is refused before any work
         # The calibration digest covers data, seed and sizes; they are named too so a refusal says what changed.
@@ -190,13 +202,18 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
 
     def evaluate() -> tuple[dict | None, dict | None]:
         """Perplexity and speed; the whole model visits the compute device for these only, while
-        pruning onloads one decoder layer at a time."""
-        lm.to(compute)
+        pruning onloads one decoder layer at a time. A model placed by a device map runs where it
+        is; with several processes only the main one evaluates."""
+        if group is not None and not group.main:
+            return None, None
+        if not dispatched:
+            lm.to(compute)
         try:
             ppl = perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict() if evaluation is not None else None
             return ppl, (measure_speed(lm, compute) if measure else None)
         finally:
-            lm.to("cpu")
+            if not dispatched:
+                lm.to("cpu")
 
     perplexities, speeds = {}, {}
     perplexities["dense"], speeds["dense"] = evaluate()
@@ -240,11 +257,18 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         "timings": timings,
         "peak_memory": peak,
         "storage": "dense safetensors" + ("" if structured else " with zeros (no sparse format)"),
+        "placement": {"mode": mode, "device_map": placement["device_map"] if dispatched else None,
+                      "hf_device_map": getattr(lm, "hf_device_map", None) if dispatched else None,
+                      "processes": group.world if group else 1},
+        "memory_estimate": estimate.as_dict() if estimate else None,
     }
     if structured:
         run_report["prune"] = {"method": "structured", "nsamples": nsamples if needs_data else 0,
                                "seqlen": seqlen if needs_data else 0}
     timings["total_before_save_s"] = time.perf_counter() - started
+    if group is not None and not group.main:  # only the main process writes
+        distributed.barrier()
+        return run_report
     folder = save_folder(lm, tokenizer, target_folder, run_report, model_card(base_model_id(model), run_report), overwrite)
     if checkpoint_dir is not None:  # the output is complete: the checkpoint has served
         remove_checkpoint(checkpoint_dir)
@@ -282,4 +306,5 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         from .publish import push_folder
 
         print(f"  published  {push_folder(folder, push_to_hub, private=private)}", flush=True)
+    distributed.barrier()
     return run_report

@@ -76,12 +76,16 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, bos_token
 
 def count_parameters(model: nn.Module) -> dict:
     """Unique parameters (tied weights once) and how many of them are exactly zero."""
+    from .placement import stored_tensor
+
     seen, total, zeros = set(), 0, 0
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
         total += parameter.numel()
+        if parameter.is_meta:  # offloaded by an accelerate device map: read it from the store
+            parameter = stored_tensor(model, name)
         zeros += int((parameter == 0).sum())
     return {"parameters": total, "zeros": zeros, "nonzero": total - zeros}
 

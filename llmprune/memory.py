@@ -1,10 +1,13 @@
-"""Peak resident memory of this process, sampled by a background thread (psutil)."""
+"""Memory: the peak resident memory of this process, sampled by a background thread (psutil), and
+the estimate of a run's peak made before loading anything (``estimate_peak``)."""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import psutil
+import torch
 
 
 class PeakRSS:
@@ -35,3 +38,156 @@ class PeakRSS:
     @property
     def growth(self) -> int:
         return self.peak - self.start
+
+
+# --- the estimate made before loading -------------------------------------------------------------
+
+MODES = ("memory", "offload", "stream")
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes a run needs, by part, on the host (RAM) and on the compute device (when CUDA)."""
+
+    parts: dict[str, int]          # name -> bytes, all on the host for CPU compute
+    device_parts: dict[str, int]   # name -> bytes on a CUDA compute device (empty on CPU)
+    host_available: int
+    device_available: int | None
+
+    @property
+    def host(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def device(self) -> int:
+        return sum(self.device_parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.host <= self.host_available and (self.device_available is None
+                                                     or self.device <= self.device_available)
+
+    def as_dict(self) -> dict:
+        return {"host_bytes": self.host, "host_parts": self.parts, "host_available_bytes": self.host_available,
+                "device_bytes": self.device, "device_parts": self.device_parts,
+                "device_available_bytes": self.device_available}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def model_sizes(config) -> dict[str, int]:
+    """Parameter counts from a config alone (a skeleton on the meta device, no weights read):
+    total (tied weights once), embeddings, one decoder layer (the largest), layers."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    unique = {id(p): p for p in skeleton.parameters()}
+    layers = skeleton.get_decoder().layers
+    return {"total": sum(p.numel() for p in unique.values()),
+            "embeddings": skeleton.get_input_embeddings().weight.numel(),
+            "layer": max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+            "layers": len(layers)}
+
+
+def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: int = 0, seqlen: int = 0,
+                  batch_size: int = 1, method: str = "wanda", processes: int = 1, cpu_weight_budget: int | None = None,
+                  activations_on_disk: bool = False, compute: torch.device = torch.device("cpu"),
+                  sizes: dict | None = None) -> MemoryEstimate:
+    """Peak memory of a pruning run, before anything is loaded.
+
+    weights: the whole model (memory), what the device map keeps in RAM (offload: at most the
+    ``cpu`` budget of --max-memory), or the embeddings plus one layer read and one written (stream).
+    activations: nsamples / processes x seqlen x hidden x bytes (the hidden states of this
+    process's share, overwritten layer by layer), plus one batch's intermediate tensors inside a
+    layer. statistics: per input group, a float32 vector (Wanda), a float32 [in, in] Hessian
+    (SparseGPT, all four groups of a layer at once, plus the solve's inverse and float32 weights),
+    or float64 channel sums of every layer (structured).
+    """
+    sizes = sizes or model_sizes(config)
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    layer_bytes = sizes["layer"] * dtype_bytes
+
+    if mode == "memory":
+        weights = sizes["total"] * dtype_bytes
+    elif mode == "offload":
+        weights = min(sizes["total"] * dtype_bytes, cpu_weight_budget if cpu_weight_budget is not None
+                      else sizes["total"] * dtype_bytes) + layer_bytes  # + one offloaded layer loaded
+    elif mode == "stream":
+        weights = sizes["embeddings"] * dtype_bytes + 2 * layer_bytes
+    else:
+        raise ValueError(mode)
+    share = -(-nsamples // max(processes, 1))
+    activations = 0 if activations_on_disk else share * seqlen * hidden * dtype_bytes
+    # One batch inside a layer: q/k/v/o outputs and gate/up/act products, in float32 at worst.
+    # Attention scores [heads, seqlen, seqlen] are not counted: SDPA (transformers' default) does
+    # not materialise them.
+    working = batch_size * seqlen * (4 * heads * head_dim + 3 * inter) * max(dtype_bytes, 4) if nsamples else 0
+    groups_in = [hidden, heads * head_dim, hidden, inter]
+    if method == "sparsegpt":
+        largest_rows = max((heads + 2 * kv) * head_dim, hidden, 2 * inter)
+        statistics = sum(n * n * 4 for n in groups_in) + 2 * inter * inter * 4 + 3 * largest_rows * inter * 4
+    elif method == "structured":
+        statistics = sizes["layers"] * (2 * hidden + heads * head_dim + inter) * 8 * 2
+    elif method == "magnitude":
+        statistics = 2 * sizes["layer"] * 4 // 4  # one float32 matrix and its scores
+    else:
+        statistics = sum(groups_in) * 4 * max(1, share if processes > 1 else 1) + 2 * inter * hidden * 4
+    token_ids = nsamples * seqlen * 8
+
+    import psutil
+
+    host_available = psutil.virtual_memory().available
+    if compute.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(compute)
+        device_parts = {"one layer": layer_bytes, "activations": activations, "layer working memory": working,
+                        "statistics": statistics}
+        parts = {"weights": weights, "calibration token ids": token_ids}
+        return MemoryEstimate(parts, device_parts, host_available, free)
+    parts = {"weights": weights, "activations": activations, "layer working memory": working,
+             "statistics": statistics, "calibration token ids": token_ids}
+    return MemoryEstimate(parts, {}, host_available, None)
+
+
+def refuse_unless_fits(estimate: MemoryEstimate, mode: str, force: bool) -> None:
+    """A UsageError that names the parts and what to change, unless the estimate fits or ``force``."""
+    if estimate.fits or force:
+        return
+    from .errors import UsageError
+
+    where, need, have, parts = ("the host", estimate.host, estimate.host_available, estimate.parts)
+    if estimate.device_available is not None and estimate.device > estimate.device_available:
+        where, need, have, parts = ("the CUDA device", estimate.device, estimate.device_available, estimate.device_parts)
+    detail = ", ".join(f"{name} {_gib(size)}" for name, size in parts.items() if size)
+    hints = []
+    activations_dominate = parts.get("activations", 0) >= max(parts.values())
+    if mode != "stream":
+        hints.append("--stream (one layer in memory at a time)")
+    if mode == "memory" and not activations_dominate:
+        hints.append("--device-map auto with --offload-folder DIR (weights offloaded to disk)")
+    hints.append("fewer --nsamples or a shorter --seqlen (activations scale with both)")
+    if activations_dominate:
+        hints.append("--stream --activations-on-disk DIR (activations in memory-mapped files)")
+    raise UsageError(f"estimated peak memory {_gib(need)} ({detail}) exceeds the {_gib(have)} available on {where}; "
+                     f"try {'; or '.join(hints)}; or pass --force to run anyway")
+
+
+def release_free_heap() -> None:
+    """Give freed heap memory back to the operating system (glibc's malloc_trim; elsewhere a
+    no-op). Tokenising a whole novel or a layer's temporaries leave large freed blocks that glibc
+    otherwise keeps in the process: for a run that must stay small, RSS is what counts."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -11,14 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, data
+from . import __version__, data, scale
 from .api import check_device, check_pattern_fits, prune
 from .cli import _summary
 
-try:  # a build that estimates memory before loading (llmprune.scale) has no such check here
-    from .cli import _check_calibration_fits
-except ImportError:
-    _check_calibration_fits = None
 from .errors import UsageError
 from .evaluate import count_parameters, measure_speed, perplexity, tokenizer_adds_bos, weight_bytes
 from .memory import PeakRSS
@@ -101,6 +97,10 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
+    placement = [f"--{k.replace('_', '-')}" for k in ("device_map", "max_memory", "offload_folder", "stream",
+                                                      "activations_on_disk") if settings.get(k)]
+    if placement:  # recipes load the whole model; these belong to single-method runs for now
+        raise UsageError(f"{', '.join(placement)} not supported with --recipe (use a single-method command)")
     push = settings.get("push_to_hub")
     if settings.get("private") and not push:
         raise UsageError("--private applies to --push-to-hub, which was not given")
@@ -108,6 +108,16 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
         from .publish import check_repo_id
 
         check_repo_id(push)
+
+    nsamples, seqlen, seed = settings["nsamples"], settings["seqlen"], settings["seed"]
+    batch_size = settings.get("batch_size", 1)
+    needs_data = any(_stage_needs_data(s) for s in stages)
+    methods = [s["method"] for s in stages]  # the heaviest statistics of any stage size the estimate
+    heaviest = next((m for m in ("sparsegpt", "structured", "wanda") if m in methods), methods[0])
+    scale.check_memory(model, dtype=dtype, mode="memory", nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
+                       method=heaviest, needs_data=needs_data, max_memory=None, activations_on_disk=False,
+                       compute=compute, force=bool(settings.get("force")),
+                       trust_remote_code=bool(settings.get("trust_remote_code")))
 
     timings = {}
     t = time.perf_counter()
@@ -122,11 +132,6 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    nsamples, seqlen, seed = settings["nsamples"], settings["seqlen"], settings["seed"]
-    batch_size = settings.get("batch_size", 1)
-    needs_data = any(_stage_needs_data(s) for s in stages)
-    if needs_data and _check_calibration_fits is not None:
-        _check_calibration_fits(nsamples, seqlen, lm, compute)
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_data else None
     evaluation = None
     eval_seqlen = settings["eval_seqlen"]

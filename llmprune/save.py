@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError, UsageError
@@ -84,28 +85,45 @@ def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card:
     permission lost) raises OutputError with nothing left behind and an old folder kept.
     extra_files(folder): writes more files into the temporary folder before it is put in place.
     """
+    with atomic_folder(target, overwrite) as tmp:
+        _test_pause()
+        model.save_pretrained(tmp, safe_serialization=True)
+        if extra_files is not None:
+            extra_files(tmp)
+        write_companions(tmp, model.config, tokenizer, report, card)
+    return Path(target).expanduser().resolve()
+
+
+def write_companions(folder: Path, config, tokenizer, report: dict, card: str) -> None:
+    """Everything of an output folder but the weights: tokenizer, llmprune's modelling file for
+    uneven layers, README.md (model card) and llmprune.json (report), secrets redacted."""
+    report, card = redact(report), redact(card)
+    _test_pause()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    _test_pause()
+    if getattr(config, "llmprune_layer_sizes", None):  # uneven layers: ship the modelling file
+        shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", folder / "modeling_llmprune.py")
+    _write_text(folder / "README.md", card)
+    _test_pause()
+    _write_text(folder / "llmprune.json", json.dumps(report, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
+    """Yield a hidden temporary folder beside ``target`` to fill; when the block ends normally it
+    is flushed to disk and put at ``target`` in one rename (see save_folder for the guarantees).
+    An exception in the block removes it; a failed write becomes an OutputError. Streaming runs
+    fill it shard by shard over a whole run."""
     remove_stale_temporaries(Path(target).expanduser().resolve())
     target = check_output_folder(target, overwrite)
-    report, card = redact(report), redact(card)
     tmp = None
     try:
         with _InterruptsHeld() as held:  # no folder may exist that ``tmp`` does not name yet
             tmp = _temporary_folder(target, "tmp")
         if held.interrupted:
             raise KeyboardInterrupt
-        _test_pause()
-        model.save_pretrained(tmp, safe_serialization=True)
-        _test_pause()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _test_pause()
-        if getattr(model.config, "llmprune_layer_sizes", None):  # uneven layers: ship the modelling file
-            shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", tmp / "modeling_llmprune.py")
-        if extra_files is not None:
-            extra_files(tmp)
-        _write_text(tmp / "README.md", card)
-        _test_pause()
-        _write_text(tmp / "llmprune.json", json.dumps(report, indent=2, default=str) + "\n")
+        yield tmp
         _make_ordinary(tmp)
         _sync_folder(tmp)
         _test_pause()
@@ -132,7 +150,98 @@ def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card:
             raise OutputError(f"cannot write the output folder {str(target)!r}: "
                               f"{cause.strerror or cause}; nothing was saved{kept}") from error
         raise
-    return target
+
+
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                       "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+class StoredBytes:
+    """A tensor left where it is: ``size`` bytes at ``start`` of ``path`` (another safetensors
+    file), with its safetensors dtype name and shape. Copied in chunks, never loaded whole."""
+
+    def __init__(self, path: str, start: int, size: int, dtype: str, shape: list[int]):
+        self.path, self.start, self.size, self.dtype, self.shape = path, start, size, dtype, shape
+
+
+def write_safetensors(tensors: dict, path: Path) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory, or copied in
+    chunks from another file (StoredBytes); safetensors' save_file would first copy every tensor
+    into one bytes object, twice the shard in memory. Format: 8-byte little-endian header
+    length, JSON header (dtype, shape, byte offsets), the data."""
+    import torch
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in tensors.items():
+        if isinstance(tensor, StoredBytes):
+            size, dtype, shape = tensor.size, tensor.dtype, tensor.shape
+        else:
+            size = tensor.numel() * tensor.element_size()
+            dtype, shape = SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")], list(tensor.shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for tensor in tensors.values():
+            if isinstance(tensor, StoredBytes):
+                with open(tensor.path, "rb") as source:
+                    source.seek(tensor.start)
+                    left = tensor.size
+                    while left:
+                        chunk = source.read(min(left, 2**22))
+                        if not chunk:
+                            raise OSError(f"{tensor.path} ends early")
+                        handle.write(chunk)
+                        left -= len(chunk)
+            elif tensor.numel():
+                handle.write(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+class ShardWriter:
+    """Writes tensors to ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes``
+    (a larger tensor gets a shard of its own) plus ``model.safetensors.index.json``, as
+    ``save_pretrained`` does, but a tensor at a time: only the shard being filled is in memory."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 2**30):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []  # per shard written: its tensor names
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor) -> None:
+        """``tensor``: a torch tensor, or StoredBytes to copy from another file."""
+        size = tensor.size if isinstance(tensor, StoredBytes) else tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor if isinstance(tensor, StoredBytes) else tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        write_safetensors(self.pending, self.folder / f"shard-{len(self.files):05d}.tmp")
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        """Name the shards ``model-0000i-of-0000N.safetensors`` and write the index; return the shards."""
+        self.flush()
+        count, weight_map, paths = len(self.files), {}, []
+        for number, names in enumerate(self.files):
+            path = self.folder / f"model-{number + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / f"shard-{number:05d}.tmp", path)
+            weight_map.update({name: path.name for name in names})
+            paths.append(path)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_text(self.folder / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        return paths
 
 
 def _test_pause() -> None:

@@ -99,8 +99,11 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load (model, tokenizer) with the ordinary transformers code, on the CPU.
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, device_map=None,
+               max_memory: dict | None = None, offload_folder: str | None = None):
+    """Load (model, tokenizer) with the ordinary transformers code, on the CPU, or spread by
+    accelerate when ``device_map`` is given (with ``max_memory`` per device and ``offload_folder``
+    for what goes to disk; see llmprune.placement).
 
     Failures to find the model (missing folder, unreachable Hub) become one-line UsageErrors.
     """
@@ -126,8 +129,10 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only)
+        placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory,
+                                                   "offload_folder": offload_folder}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as error:
         # The whole message on one line (some, such as a missing tokenizer's, end the first line with ":").
         text = " ".join(str(error).split()) or type(error).__name__

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from ..api import check_batch_size, check_calibration, check_device
+from .. import distributed
 from ..calibrate import run_layerwise
+from ..placement import execution_device, onloaded
 from ..checkpoint import LayerCheckpoint, run_fingerprint
 from ..errors import UsageError
 from ..evaluate import count_parameters
@@ -129,11 +131,14 @@ def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int =
         _kept_count(width, ffn, round_to, "FFN neurons")
 
 
-def _new_layer_statistics(layer: nn.Module, device: torch.device) -> dict:
+def _new_layer_statistics(layer: nn.Module, device: torch.device, group=None) -> dict:
+    """Accumulators of one layer; in a process group, ones that combine exactly (llmprune.distributed)."""
     hidden = layer.self_attn.q_proj.in_features
-    return {"attn_in": ChannelStats(hidden, device), "attn_channels": ChannelStats(layer.self_attn.o_proj.in_features, device),
-            "mlp_in": ChannelStats(hidden, device), "ffn_channels": ChannelStats(layer.mlp.down_proj.in_features, device),
-            "change": LayerChange()}
+    sizes = {"attn_in": hidden, "attn_channels": layer.self_attn.o_proj.in_features, "mlp_in": hidden,
+             "ffn_channels": layer.mlp.down_proj.in_features}
+    stats = {key: distributed.accumulator(lambda n=n: ChannelStats(n, device), group) for key, n in sizes.items()}
+    stats["change"] = distributed.accumulator(LayerChange, group)
+    return stats
 
 
 def collect_statistics(model, calibration, device=None, batch_size: int = 1, progress: bool = True,
@@ -144,9 +149,10 @@ def collect_statistics(model, calibration, device=None, batch_size: int = 1, pro
     adapter = adapter_for(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     per_layer = []
+    group = distributed.current()
 
     def collect(index, layer):
-        stats = _new_layer_statistics(layer, device)
+        stats = _new_layer_statistics(layer, execution_device(layer, device), group)
         per_layer.append(stats)
 
         def record(key):
@@ -173,9 +179,12 @@ def collect_statistics(model, calibration, device=None, batch_size: int = 1, pro
                              if name.split(".", 1)[0] == key})
         per_layer.append(stats)
 
+    def combine(index, layer):  # sums over the processes' batches (a no-op for one process)
+        per_layer[index] = {key: distributed.combine(stat, group) for key, stat in per_layer[index].items()}
+
     run_layerwise(model, adapter, calibration, device, collect=collect, batch_size=batch_size,
                   progress=progress, desc="structured: statistics", checkpoint=checkpoint,
-                  layer_state=layer_state, restore_layer=restore_layer)
+                  layer_state=layer_state, restore_layer=restore_layer, combine=combine)
     return per_layer
 
 
@@ -269,21 +278,22 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
     with torch.no_grad():
         head_scores, neuron_score_list = [], []
         for index, layer in enumerate(decoder_layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            s = stats[index] if stats else None
-            if heads:
-                per_query = query_head_scores(score, attention.q_proj.weight.float(), attention.o_proj.weight.float(),
-                                              head_dim, s and s["attn_in"], s and s["attn_channels"])
-                if gqa == "groups":
-                    per_kv = kv_head_scores(score, attention.k_proj.weight.float(), attention.v_proj.weight.float(),
-                                            head_dim, s and s["attn_in"])
-                    head_scores.append(per_query.reshape(kv_heads, ratio).sum(1) + per_kv)  # [G]
-                else:
-                    head_scores.append(per_query.reshape(kv_heads, ratio))  # [G, r]
-            if ffn:
-                neuron_score_list.append(neuron_scores(score, mlp.gate_proj.weight.float(), mlp.up_proj.weight.float(),
-                                                       mlp.down_proj.weight.float(), s and s["mlp_in"],
-                                                       s and s["ffn_channels"]))
+            with onloaded(layer):  # offloaded weights (accelerate device maps) are real inside
+                attention, mlp = layer.self_attn, layer.mlp
+                s = stats[index] if stats else None
+                if heads:
+                    per_query = query_head_scores(score, attention.q_proj.weight.float(), attention.o_proj.weight.float(),
+                                                  head_dim, s and s["attn_in"], s and s["attn_channels"])
+                    if gqa == "groups":
+                        per_kv = kv_head_scores(score, attention.k_proj.weight.float(), attention.v_proj.weight.float(),
+                                                head_dim, s and s["attn_in"])
+                        head_scores.append(per_query.reshape(kv_heads, ratio).sum(1) + per_kv)  # [G]
+                    else:
+                        head_scores.append(per_query.reshape(kv_heads, ratio))  # [G, r]
+                if ffn:
+                    neuron_score_list.append(neuron_scores(score, mlp.gate_proj.weight.float(), mlp.up_proj.weight.float(),
+                                                           mlp.down_proj.weight.float(), s and s["mlp_in"],
+                                                           s and s["ffn_channels"]))
 
         if heads and gqa == "groups":
             remove_heads = _allocate(head_scores, heads, allocation, 1, "KV head groups")
@@ -296,43 +306,44 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
 
         sizes = []
         for index, layer in enumerate(decoder_layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            s = stats[index] if stats else None
-            layer_heads, layer_kv = q_heads, kv_heads
-            if heads and remove_heads[index]:
-                if gqa == "groups":
-                    order = head_scores[index].argsort()
-                    keep_kv = sorted(order[remove_heads[index]:].tolist())
-                    keep_query = [g * ratio + j for g in keep_kv for j in range(ratio)]
-                else:
-                    keep_kv = list(range(kv_heads))
-                    per_group = ratio - remove_heads[index]
-                    keep_query = [g * ratio + j for g in keep_kv
-                                  for j in sorted(head_scores[index][g].argsort()[-per_group:].tolist())]
-                o_bias = None
-                if score == "flap" and support["attention"]:
-                    removed = sorted(set(range(q_heads)) - set(keep_query))
-                    channels = surgery.head_channels(removed, head_dim, attention.o_proj.weight.device)
-                    o_bias = attention.o_proj.weight.double()[:, channels] @ s["attn_channels"].mean.to(channels.device)[channels]
-                surgery.shrink_attention(attention, keep_query, keep_kv, head_dim, o_bias)
-                layer_heads, layer_kv = len(keep_query), len(keep_kv)
-            width = mlp.down_proj.in_features
-            if ffn and remove_neurons[index]:
-                order = neuron_score_list[index].argsort()
-                keep = order[remove_neurons[index]:].sort().values.to(mlp.down_proj.weight.device)
-                down_bias = None
-                if score == "flap" and support["mlp"]:
-                    removed = order[:remove_neurons[index]].to(mlp.down_proj.weight.device)
-                    down_bias = mlp.down_proj.weight.double()[:, removed] @ s["ffn_channels"].mean.to(removed.device)[removed]
-                surgery.shrink_mlp(mlp, keep, down_bias)
-                width = len(keep)
-            if score == "flap":  # the config will declare biases: every declared bias must exist
-                if support["attention"]:
-                    surgery.add_zero_biases(attention, ("q_proj", "k_proj", "v_proj", "o_proj"))
-                if support["mlp"]:
-                    surgery.add_zero_biases(mlp, ("gate_proj", "up_proj", "down_proj"))
-            sizes.append({"num_attention_heads": layer_heads, "num_key_value_heads": layer_kv,
-                          "intermediate_size": width})
+            with onloaded(layer):  # offloaded weights (accelerate device maps) are real inside
+                attention, mlp = layer.self_attn, layer.mlp
+                s = stats[index] if stats else None
+                layer_heads, layer_kv = q_heads, kv_heads
+                if heads and remove_heads[index]:
+                    if gqa == "groups":
+                        order = head_scores[index].argsort()
+                        keep_kv = sorted(order[remove_heads[index]:].tolist())
+                        keep_query = [g * ratio + j for g in keep_kv for j in range(ratio)]
+                    else:
+                        keep_kv = list(range(kv_heads))
+                        per_group = ratio - remove_heads[index]
+                        keep_query = [g * ratio + j for g in keep_kv
+                                      for j in sorted(head_scores[index][g].argsort()[-per_group:].tolist())]
+                    o_bias = None
+                    if score == "flap" and support["attention"]:
+                        removed = sorted(set(range(q_heads)) - set(keep_query))
+                        channels = surgery.head_channels(removed, head_dim, attention.o_proj.weight.device)
+                        o_bias = attention.o_proj.weight.double()[:, channels] @ s["attn_channels"].mean.to(channels.device)[channels]
+                    surgery.shrink_attention(attention, keep_query, keep_kv, head_dim, o_bias)
+                    layer_heads, layer_kv = len(keep_query), len(keep_kv)
+                width = mlp.down_proj.in_features
+                if ffn and remove_neurons[index]:
+                    order = neuron_score_list[index].argsort()
+                    keep = order[remove_neurons[index]:].sort().values.to(mlp.down_proj.weight.device)
+                    down_bias = None
+                    if score == "flap" and support["mlp"]:
+                        removed = order[:remove_neurons[index]].to(mlp.down_proj.weight.device)
+                        down_bias = mlp.down_proj.weight.double()[:, removed] @ s["ffn_channels"].mean.to(removed.device)[removed]
+                    surgery.shrink_mlp(mlp, keep, down_bias)
+                    width = len(keep)
+                if score == "flap":  # the config will declare biases: every declared bias must exist
+                    if support["attention"]:
+                        surgery.add_zero_biases(attention, ("q_proj", "k_proj", "v_proj", "o_proj"))
+                    if support["mlp"]:
+                        surgery.add_zero_biases(mlp, ("gate_proj", "up_proj", "down_proj"))
+                sizes.append({"num_attention_heads": layer_heads, "num_key_value_heads": layer_kv,
+                              "intermediate_size": width})
 
     if support["attention"]:
         config.attention_bias = True

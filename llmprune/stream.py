@@ -1,0 +1,208 @@
+"""Streaming: prune a model larger than memory, one decoder layer at a time (``--stream``).
+
+The model is a skeleton whose parameters live on the meta device (no memory); its buffers (the
+rotary tables) are real, since they are computed, not stored. Then:
+
+1. the embeddings are read from the checkpoint's safetensors shards; the shared runner captures
+   the layer-0 inputs of the calibration batches; the embeddings go back to meta;
+2. for each decoder layer: its tensors are read from the shards (safetensors ``safe_open``, one
+   tensor at a time), the runner calibrates and prunes it and propagates the activations, its
+   pruned tensors are written to the output shards, and it goes back to meta;
+3. every tensor outside the decoder layers (embeddings, final norm, LM head) is copied to the
+   output as it is, one at a time.
+
+Peak memory: the embeddings during capture, then about one layer read and one written plus the
+calibration activations (nsamples x seqlen x hidden), whatever the depth; with
+``activations_on_disk`` the activations live in memory-mapped files instead. The output is an
+ordinary sharded Hugging Face checkpoint with ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import distributed
+from .errors import UsageError
+from .memory import release_free_heap
+from .save import SAFETENSORS_DTYPES, ShardWriter, StoredBytes
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint (one file, or shards named by an index), by name.
+
+    Each read opens its shard and closes it again: a safetensors file is memory-mapped while
+    open, and the pages a read touched would otherwise stay in this process's resident memory
+    until the end, adding up to the whole checkpoint."""
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        elif (folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise UsageError(f"--stream needs a safetensors checkpoint (model.safetensors or an index) in {str(folder)!r}")
+        self._file_of = {}
+        self._stored = {}  # name -> (data start in the file, header entry)
+        for file in files:
+            path = str(folder / file)
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                self._file_of.update({name: path for name in handle.keys()})
+            with open(path, "rb") as raw:  # the header: where each tensor's bytes are
+                length = int.from_bytes(raw.read(8), "little")
+                header = json.loads(raw.read(length))
+            self._stored.update({name: (8 + length, entry) for name, entry in header.items() if name != "__metadata__"})
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._file_of[name], framework="pt", device="cpu") as handle:
+            tensor = handle.get_tensor(name)  # its own private mapping of the file: unmapped when freed
+        return tensor.to(dtype)
+
+    def stored(self, name: str) -> StoredBytes:
+        """Where the tensor's bytes are, to copy them unchanged without loading them."""
+        start, entry = self._stored[name]
+        begin, end = entry["data_offsets"]
+        return StoredBytes(self._file_of[name], start + begin, end - begin, entry["dtype"], entry["shape"])
+
+    def dtype_name(self, name: str) -> str:
+        return self._stored[name][1]["dtype"]
+
+    def close(self) -> None:
+        pass
+
+
+def skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model with parameters on the meta device and real (computed) buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor | None, device) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(module, name, device, value=value)
+
+
+class StreamFromCheckpoint:
+    """The runner's placement for streaming: ``enter`` reads a layer from the checkpoint onto
+    the compute device, ``leave`` writes it to the output shards (main process only) and drops
+    it to meta. The first ``enter`` also drops the embeddings: capture is over by then."""
+
+    def __init__(self, model: nn.Module, reader: CheckpointReader, writer: ShardWriter | None,
+                 layers_prefix: str, device: torch.device, dtype: torch.dtype):
+        self.model, self.reader, self.writer = model, reader, writer
+        self.prefix, self.device, self.dtype = layers_prefix, device, dtype
+
+    def _names(self, index: int, layer: nn.Module) -> list[str]:
+        return [name for name, _ in layer.named_parameters()] + [
+            name for name, _ in layer.named_buffers() if f"{self.prefix}.{index}.{name}" in self.reader]
+
+    def enter(self, index: int, layer: nn.Module) -> None:
+        if index == 0:
+            release_outside_layers(self.model, self.prefix)
+        for name in self._names(index, layer):
+            _set(layer, name, self.reader.read(f"{self.prefix}.{index}.{name}", self.dtype), self.device)
+
+    def writable(self, layer: nn.Module):
+        return nullcontext(layer)
+
+    def leave(self, index: int, layer: nn.Module) -> None:
+        for name in self._names(index, layer):
+            if self.writer is not None:
+                owner, _, attribute = name.rpartition(".")
+                self.writer.add(f"{self.prefix}.{index}.{name}", getattr(layer.get_submodule(owner), attribute))
+            _set(layer, name, None, "meta")
+        if self.writer is not None:
+            self.writer.flush()  # this layer is on disk: its memory can go
+        release_free_heap()
+
+
+def layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise RuntimeError("the decoder layers are not a submodule of the model")
+
+
+def load_outside_layers(model: nn.Module, reader: CheckpointReader, prefix: str, device, dtype) -> None:
+    """Read the input embeddings (all the capture pass needs) from the checkpoint."""
+    embedding = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if module is embedding:
+            _set(model, f"{name}.weight", reader.read(f"{name}.weight", dtype), device)
+            return
+
+
+def release_outside_layers(model: nn.Module, prefix: str) -> None:
+    """Drop every real parameter outside the decoder layers back to the meta device."""
+    for name, parameter in list(model.named_parameters(remove_duplicate=False)):
+        if not name.startswith(prefix + ".") and not parameter.is_meta:
+            _set(model, name, None, "meta")
+
+
+def copy_outside_layers(reader: CheckpointReader, writer: ShardWriter, prefix: str, dtype: torch.dtype) -> None:
+    """Every checkpoint tensor outside the decoder layers, to the output unchanged (one at a time)."""
+    for name in reader.names():
+        if not name.startswith(prefix + "."):
+            same = reader.dtype_name(name) == SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]
+            writer.add(name, reader.stored(name) if same else reader.read(name, dtype))
+            writer.flush()
+
+
+def prune_streaming(folder: str | Path, output_folder: Path | None, calibration: torch.Tensor | None, *,
+                    method: str, sparsity: float | None, pattern, device: torch.device, dtype: torch.dtype,
+                    batch_size: int = 1, progress: bool = True, max_shard_bytes: int = 2**30,
+                    activations_on_disk: str | Path | None = None, trust_remote_code: bool = False,
+                    **method_options):
+    """Prune the checkpoint in ``folder`` layer by layer into shards written to ``output_folder``
+    (the temporary folder of an atomic save; None on processes other than the main one).
+    Returns (PruneReport, config of the output)."""
+    from .api import prune
+    from .models.adapters import adapter_for
+
+    model = skeleton(folder, dtype, trust_remote_code)
+    adapter = adapter_for(model)
+    prefix = layers_prefix(model, adapter.layers(model))
+    reader = CheckpointReader(folder)
+    writer = ShardWriter(output_folder, max_shard_bytes) if output_folder is not None else None
+    try:
+        if writer is not None:
+            copy_outside_layers(reader, writer, prefix, dtype)
+        load_outside_layers(model, reader, prefix, device, dtype)
+        placement = StreamFromCheckpoint(model, reader, writer, prefix, device, dtype)
+        placement.activation_folder = activations_on_disk
+        report = prune(model, calibration, method=method, sparsity=sparsity, pattern=pattern, device=device,
+                       batch_size=batch_size, progress=progress, placement=placement, **method_options)
+        release_outside_layers(model, prefix)
+        if writer is not None:
+            writer.finish()
+            model.config.dtype = dtype
+            model.config.save_pretrained(output_folder)
+            if (Path(folder) / "generation_config.json").is_file():
+                shutil.copyfile(Path(folder) / "generation_config.json", output_folder / "generation_config.json")
+    finally:
+        reader.close()
+    distributed.barrier()
+    return report, model.config
