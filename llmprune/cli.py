@@ -5,7 +5,6 @@ from __future__ import annotations
 import platform
 import re
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -41,6 +40,13 @@ def _default_output(model: str, method: str, tag: str) -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
+
+
+def speed_row(speeds: dict) -> tuple[str, str]:
+    """The summary line comparing dense and pruned prefill/decode tokens/s."""
+    dense, pruned = speeds["dense"], speeds["pruned"]
+    return ("speed", f"prefill {dense['prefill_tokens_per_s']:.0f} -> {pruned['prefill_tokens_per_s']:.0f} tokens/s, "
+                     f"decode {dense['decode_tokens_per_s']:.1f} -> {pruned['decode_tokens_per_s']:.1f} tokens/s")
 
 
 def _summary(rows: list[tuple[str, str]]) -> str:
@@ -179,10 +185,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_data else None
     evaluation = None
     if evaluate_sources is not None:
-        evaluation = data.evaluation_ids(tokenizer, evaluate_sources, eval_tokens or None)
-        if evaluation.numel() < eval_seqlen:
-            raise UsageError(f"evaluation data has {evaluation.numel()} tokens, fewer than one "
-                             f"--eval-seqlen window of {eval_seqlen}")
+        evaluation = data.evaluation_ids(tokenizer, evaluate_sources, eval_tokens or None, eval_seqlen)
     timings["data_s"] = time.perf_counter() - t
 
     checkpoint = None
@@ -293,10 +296,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
                         f"{file_bytes / 2**20:.1f} MiB on disk"),
             ("perplexity", ppl)]
     if speeds:
-        rows.append(("speed", f"prefill {speeds['dense']['prefill_tokens_per_s']:.0f} -> "
-                              f"{speeds['pruned']['prefill_tokens_per_s']:.0f} tokens/s, decode "
-                              f"{speeds['dense']['decode_tokens_per_s']:.1f} -> "
-                              f"{speeds['pruned']['decode_tokens_per_s']:.1f} tokens/s"))
+        rows.append(speed_row(speeds))
     rows += [("time", f"prune {timings['prune_s']:.1f} s, total {time.perf_counter() - started:.1f} s"),
              ("peak memory", f"+{memory.growth / 2**20:.0f} MiB RSS while pruning"),
              ("output", str(folder))]

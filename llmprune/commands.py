@@ -126,9 +126,7 @@ def run_eval_command(argv: list[str]) -> int:
     rows = [("model", args.model), ("parameters", f"{results['parameters']['nonzero']:,} nonzero of "
                                                    f"{results['parameters']['parameters']:,}")]
     if sources is not None:
-        ids = data.evaluation_ids(tokenizer, sources, args.tokens or None)
-        if ids.numel() < args.seqlen:
-            raise UsageError(f"evaluation data has {ids.numel()} tokens, fewer than one --seqlen window of {args.seqlen}")
+        ids = data.evaluation_ids(tokenizer, sources, args.tokens or None, args.seqlen, flag="--seqlen")
         bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
         ppl = perplexity(model, ids, args.seqlen, bos, compute, not args.no_progress).as_dict()
         results["perplexity"] = {**ppl, "data": list(sources)}

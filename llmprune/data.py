@@ -179,8 +179,10 @@ def calibration_ids(
     return ids[starts[:, None] + torch.arange(seqlen)]
 
 
-def evaluation_ids(tokenizer, sources: Sequence[str] | None, max_tokens: int | None) -> torch.LongTensor:
-    """[T] token ids: the evaluation texts joined with "\\n\\n", tokenised once, truncated to max_tokens."""
+def evaluation_ids(tokenizer, sources: Sequence[str] | None, max_tokens: int | None, window: int | None = None,
+                   flag: str = "--eval-seqlen") -> torch.LongTensor:
+    """[T] token ids: the evaluation texts joined with "\\n\\n", tokenised once, truncated to max_tokens;
+    refused when shorter than one perplexity window of ``window`` tokens (named by ``flag``)."""
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 2):
         raise UsageError(f"evaluation needs max_tokens >= 2 (or none), got {max_tokens!r}")
     segments = _segments(sources, "evaluation")
@@ -191,6 +193,8 @@ def evaluation_ids(tokenizer, sources: Sequence[str] | None, max_tokens: int | N
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise UsageError(f"evaluation text from {label} has {ids.numel()} tokens; at least 2 are needed")
+    if window is not None and ids.numel() < window:
+        raise UsageError(f"evaluation data has {ids.numel()} tokens, fewer than one {flag} window of {window}")
     return ids
 
 

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__, data, scale
 from .api import check_device, check_pattern_fits, prune
-from .cli import _summary
+from .cli import _summary, speed_row
 
 from .errors import UsageError
 from .evaluate import count_parameters, measure_speed, perplexity, tokenizer_adds_bos, weight_bytes
@@ -136,10 +136,7 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
     evaluation = None
     eval_seqlen = settings["eval_seqlen"]
     if evaluate_sources is not None:
-        evaluation = data.evaluation_ids(tokenizer, evaluate_sources, settings["eval_tokens"] or None)
-        if evaluation.numel() < eval_seqlen:
-            raise UsageError(f"evaluation data has {evaluation.numel()} tokens, fewer than one "
-                             f"--eval-seqlen window of {eval_seqlen}")
+        evaluation = data.evaluation_ids(tokenizer, evaluate_sources, settings["eval_tokens"] or None, eval_seqlen)
     timings["data_s"] = time.perf_counter() - t
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     measure_speed_too = bool(settings.get("speed")) or any(s["method"] == "structured" for s in stages)
@@ -237,10 +234,7 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
                             f"({params_after['parameters']:,} stored)"),
              ("perplexity", ppl)]
     if speeds:
-        rows.append(("speed", f"prefill {speeds['dense']['prefill_tokens_per_s']:.0f} -> "
-                              f"{speeds['pruned']['prefill_tokens_per_s']:.0f} tokens/s, decode "
-                              f"{speeds['dense']['decode_tokens_per_s']:.1f} -> "
-                              f"{speeds['pruned']['decode_tokens_per_s']:.1f} tokens/s"))
+        rows.append(speed_row(speeds))
     rows += [("time", f"stages {timings['prune_s']:.1f} s, total {time.perf_counter() - started:.1f} s"),
              ("output", str(folder))]
     print("\nllmprune summary", flush=True)

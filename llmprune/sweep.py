@@ -142,10 +142,7 @@ def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, ca
     t = time.perf_counter()
     needs_calibration = any(METHODS[r.method].needs_calibration or r.schedule == "owl" for r in runs)
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_calibration else None
-    evaluation = data.evaluation_ids(tokenizer, eval_data, eval_tokens or None)
-    if evaluation.numel() < eval_seqlen:
-        raise UsageError(f"evaluation data has {evaluation.numel()} tokens, fewer than one --eval-seqlen "
-                         f"window of {eval_seqlen}")
+    evaluation = data.evaluation_ids(tokenizer, eval_data, eval_tokens or None, eval_seqlen)
     data_s = time.perf_counter() - t
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
 

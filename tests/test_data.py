@@ -267,7 +267,18 @@ def hub(monkeypatch):
     fake = FakeHub()
     monkeypatch.setattr(datasets, "load_dataset", fake)
     monkeypatch.setattr(data, "_hub_reachable", lambda: False)
+    _start_online(monkeypatch)
     return fake
+
+
+def _start_online(monkeypatch):
+    """Online to start with, whatever an earlier test imported under HF_HUB_OFFLINE=1 (the flags
+    are read once at import): the tests check what the preset loader sets and undoes."""
+    import datasets
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
 
 
 EXPECTED = {
@@ -299,6 +310,7 @@ def test_preset_reachable_hub_is_not_forced_offline(monkeypatch):
     fake = FakeHub()
     monkeypatch.setattr(datasets, "load_dataset", fake)
     monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    _start_online(monkeypatch)
     data.load_texts(["wikitext2"], "evaluation")
     assert fake.calls[0]["offline"] is False
 
@@ -380,6 +392,7 @@ def test_real_offline_failure_is_fast(monkeypatch, tmp_path):
 
     monkeypatch.setattr(data, "_hub_reachable", lambda: False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    _start_online(monkeypatch)
     for preset in ("wikitext2", "c4", "ptb"):
         start = time.monotonic()
         usage_error(lambda: data.load_texts([preset], "evaluation"), f"'{preset}'", "local datasets cache")

@@ -57,10 +57,7 @@ def run_dynamic(*, model: str, calib_data, nsamples: int, seqlen: int, seed: int
     calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed)
     evaluation = None
     if evaluate_sources is not None:
-        evaluation = data.evaluation_ids(tokenizer, evaluate_sources, eval_tokens or None)
-        if evaluation.numel() < eval_seqlen:
-            raise UsageError(f"evaluation data has {evaluation.numel()} tokens, fewer than one "
-                             f"--eval-seqlen window of {eval_seqlen}")
+        evaluation = data.evaluation_ids(tokenizer, evaluate_sources, eval_tokens or None, eval_seqlen)
     bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     lm.to(compute)
 
