@@ -13,7 +13,7 @@ import torch
 
 from . import __version__, data, scale
 from .api import check_device, check_pattern_fits, prune
-from .cli import _summary, speed_row
+from .cli import _default_output, _summary, speed_row
 
 from .errors import UsageError
 from .evaluate import count_parameters, measure_speed, perplexity, tokenizer_adds_bos, weight_bytes
@@ -37,14 +37,9 @@ def _stage_needs_data(stage: dict) -> bool:
     return True  # dynamic: exit heads / skip decisions are calibrated
 
 
-def _default_output(model: str, name: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
-    base = Path("pruned") / f"{slug}-recipe-{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'run'}"
-    candidate, n = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+def _recipe_output(model: str, name: str) -> Path:
+    """pruned/<model>-recipe-<recipe name>, numbered like a single-method run's default."""
+    return _default_output(model, "recipe", re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run")
 
 
 def run_recipe_command(argv: list[str], parser) -> dict:
@@ -93,7 +88,7 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
     calib_data = settings.get("calib_data") or ["default"]
     output = settings.get("output")
     overwrite = bool(settings.get("overwrite"))
-    target_folder = check_output_folder(output, overwrite) if output else _default_output(model, recipe["name"])
+    target_folder = check_output_folder(output, overwrite) if output else _recipe_output(model, recipe["name"])
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)

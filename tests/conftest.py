@@ -85,7 +85,11 @@ def tiny_folder(tmp_path, tokenizer):
 @pytest.fixture
 def text_file(tmp_path):
     """A real-text calibration/evaluation file (Austen when available)."""
-    path = tmp_path / "text.txt"
+    return write_text_sample(tmp_path / "text.txt")
+
+
+def write_text_sample(path):
+    """Write 60k characters of Persuasion (or SMALL_TEXT without the Austen data) to path."""
     text = SMALL_TEXT
     if AUSTEN.is_dir():
         with gzip.open(AUSTEN / "persuasion.txt.gz", "rt", encoding="utf-8") as handle:

@@ -36,17 +36,9 @@ def pruned_folder(tmp_path_factory, tokenizer, text_file_module):
 
 @pytest.fixture(scope="module")
 def text_file_module(tmp_path_factory):
-    import gzip
+    from conftest import write_text_sample
 
-    from conftest import AUSTEN, SMALL_TEXT
-
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    text = SMALL_TEXT
-    if AUSTEN.is_dir():
-        with gzip.open(AUSTEN / "persuasion.txt.gz", "rt", encoding="utf-8") as handle:
-            text = handle.read(60_000)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_text_sample(tmp_path_factory.mktemp("text") / "text.txt")
 
 
 @pytest.fixture(scope="module")
