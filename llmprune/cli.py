@@ -129,7 +129,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
         compute = distributed.local_device()
     placement = scale.check_options(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                                     stream=stream, activations_on_disk=activations_on_disk, structured=structured,
-                                    checkpoint_dir=checkpoint_dir, group=group)
+                                    checkpoint_dir=checkpoint_dir, group=group, schedule=schedule)
     if dtype == "auto":
         dtype = "bfloat16" if compute.type == "cuda" else "float32"
     evaluate_sources = None if [s.lower() for s in eval_data] == ["none"] else eval_data
@@ -165,7 +165,7 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
                                    overwrite=overwrite, compute=compute, dtype=dtype, batch_size=batch_size,
                                    options=options, progress=progress, activations_on_disk=activations_on_disk,
                                    trust_remote_code=trust_remote_code, argv=argv, estimate=estimate,
-                                   started=started, group=group)
+                                   started=started, group=group, schedule=schedule)
 
     timings = {}
     t = time.perf_counter()

@@ -38,8 +38,10 @@ import functools
 import gc
 import gzip
 import hashlib
+import itertools
 import json
 import os
+import re
 import sysconfig
 import warnings
 import zlib
@@ -539,11 +541,46 @@ def _document_windows(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _encode(tokenizer, text: str) -> torch.LongTensor:
-    """[T] ids of text, one tokeniser call, no special tokens (no BOS in the middle of windows)."""
+def _encode(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.LongTensor:
+    """[T] ids of text, no special tokens (no BOS in the middle of windows): the ids one
+    tokeniser call on the whole text gives, computed piece by piece.
+
+    A fast tokeniser holds ~500 bytes per token while it encodes (offsets, alignments, token
+    strings): 200 MB for two novels, more than a streamed SmolLM2 layer pass needs. So the text is
+    cut about every ``chunk_chars`` characters, only at a single white space character that
+    follows a non-space and precedes a letter, and only where tokenising 256 characters either side of the cut as one
+    piece gives the same ids as the two halves (for byte-level BPE a cut before " word" is a
+    pre-token boundary; a tokeniser that adds a prefix space or reads across words fails the
+    check and is left uncut).
+    """
+    pieces, start, lo = [], 0, chunk_chars
+    while len(text) - lo > chunk_chars:  # look for a cut in [lo, lo + chunk_chars)
+        cut = _safe_cut(tokenizer, text, lo, lo + chunk_chars)
+        if cut is None:  # none here: this stretch joins the current piece
+            lo += chunk_chars
+            continue
+        pieces.append(torch.tensor(_encode_piece(tokenizer, text[start:cut]), dtype=torch.long))
+        start, lo = cut, cut + chunk_chars
+    pieces.append(torch.tensor(_encode_piece(tokenizer, text[start:]), dtype=torch.long))
+    return torch.cat(pieces)
+
+
+_CUT = re.compile(r"(?<=\S)\s(?=[^\W\d_])")  # one white space after a non-space, before a letter
+
+
+def _safe_cut(tokenizer, text: str, lo: int, hi: int, context: int = 256, tries: int = 8) -> int | None:
+    """A position in [lo, hi) where the text can be cut without changing its ids, or None."""
+    for match in itertools.islice(_CUT.finditer(text, lo, hi), tries):
+        cut = match.start()
+        left, right = text[max(cut - context, 0):cut], text[cut:cut + context]
+        if _encode_piece(tokenizer, left + right) == _encode_piece(tokenizer, left) + _encode_piece(tokenizer, right):
+            return cut
+    return None
+
+
+def _encode_piece(tokenizer, text: str) -> list[int]:
     # verbose=False: long texts are expected here; skip the "longer than model_max_length" warning.
-    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
-    return torch.tensor(enc["input_ids"], dtype=torch.long)
+    return tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
 def _memory_bytes() -> int:

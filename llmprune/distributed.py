@@ -6,8 +6,9 @@ own contiguous share of the calibration batches. Per layer:
 - statistics are combined across processes. Vector statistics (Wanda norms, structured channel
   sums, layer change) are kept per batch and summed in global batch order, which is exactly the
   order of a single-process run, so the result is bitwise the same. Matrix statistics (SparseGPT
-  Hessians, [in, in]) are too large to keep per batch: their running sums are all-reduced
-  (float32 stays float32), equal to the single-process sum up to rounding;
+  Hessians, [in, in]) are too large to keep per batch: their running sums are all-reduced in
+  float64, in which they are kept, so the sum differs from the single-process one by about
+  1e-16 relative and rounds to the same float32 Hessian;
 - each input group (q/k/v, o, gate/up, down) is solved by one process, the solves spread
   round-robin, and the new weights are broadcast to all;
 - only the main process (rank 0) writes the output.

@@ -99,10 +99,10 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     """Peak memory of a pruning run, before anything is loaded.
 
     weights: the whole model (memory), what the device map keeps in RAM (offload: at most the
-    ``cpu`` budget of --max-memory), or the embeddings plus one layer read and one written (stream).
+    ``cpu`` budget of --max-memory), or the calibration's embedding rows plus one layer read and one written (stream).
     activations: nsamples / processes x seqlen x hidden x bytes (the hidden states of this
     process's share, overwritten layer by layer), plus one batch's intermediate tensors inside a
-    layer. statistics: per input group, a float32 vector (Wanda), a float32 [in, in] Hessian
+    layer. statistics: per input group, a float32 vector (Wanda), a float64 [in, in] Hessian
     (SparseGPT, all four groups of a layer at once, plus the solve's inverse and float32 weights),
     or float64 channel sums of every layer (structured).
     """
@@ -119,8 +119,8 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     elif mode == "offload":
         weights = min(sizes["total"] * dtype_bytes, cpu_weight_budget if cpu_weight_budget is not None
                       else sizes["total"] * dtype_bytes) + layer_bytes  # + one offloaded layer loaded
-    elif mode == "stream":
-        weights = sizes["embeddings"] * dtype_bytes + 2 * layer_bytes
+    elif mode == "stream":  # the embedding rows the calibration uses, one layer read and one written
+        weights = min(sizes["embeddings"], nsamples * seqlen * hidden) * dtype_bytes + 2 * layer_bytes
     else:
         raise ValueError(mode)
     share = -(-nsamples // max(processes, 1))
@@ -132,7 +132,10 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     groups_in = [hidden, heads * head_dim, hidden, inter]
     if method == "sparsegpt":
         largest_rows = max((heads + 2 * kv) * head_dim, hidden, 2 * inter)
-        statistics = sum(n * n * 4 for n in groups_in) + 2 * inter * inter * 4 + 3 * largest_rows * inter * 4
+        # float64 Hessians of the four groups; the largest solve's float64 factor, inverse and its
+        # factor, the float32 copy of that; float32 weights, their update and the mask.
+        statistics = sum(n * n * 8 for n in groups_in) + 3 * inter * inter * 8 + inter * inter * 4 + \
+            3 * largest_rows * inter * 4
     elif method == "structured":
         statistics = sizes["layers"] * (2 * hidden + heads * head_dim + inter) * 8 * 2
     elif method == "magnitude":

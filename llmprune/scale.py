@@ -19,7 +19,7 @@ from .placement import parse_device_map, parse_max_memory, size_in_bytes
 
 
 def check_options(*, device_map, max_memory, offload_folder, stream, activations_on_disk, structured,
-                  checkpoint_dir, group) -> dict:
+                  checkpoint_dir, group, schedule="uniform") -> dict:
     """Refuse combinations that cannot work, before any work; return the parsed device map and
     max_memory for from_pretrained."""
     if (max_memory or offload_folder) and device_map is None:
@@ -29,6 +29,9 @@ def check_options(*, device_map, max_memory, offload_folder, stream, activations
     if stream and structured:
         raise UsageError("--stream supports magnitude, wanda and sparsegpt; structured pruning needs the whole "
                          "model (use --device-map auto --offload-folder DIR instead)")
+    if stream and schedule == "owl":
+        raise UsageError("--stream cannot use --schedule owl: OWL measures every layer of the dense model before "
+                         "pruning; give the per-layer sparsities as a list (--schedule 0.4,0.5,...) instead")
     if stream and checkpoint_dir:
         raise UsageError("--stream cannot resume (--checkpoint-dir); it already holds one layer at a time")
     if activations_on_disk and not stream:
@@ -81,7 +84,7 @@ def check_memory(model: str, *, dtype: str, mode: str, nsamples: int, seqlen: in
 def run_streaming(*, model: str, method: str, target: float, nm, calib_data, nsamples: int, seqlen: int, seed: int,
                   target_folder: Path, overwrite: bool, compute: torch.device, dtype: str, batch_size: int,
                   options: dict, progress: bool, activations_on_disk: str | None, trust_remote_code: bool,
-                  argv: list[str], estimate, started: float, group) -> dict:
+                  argv: list[str], estimate, started: float, group, schedule="uniform") -> dict:
     """The whole --stream job: prune layer by layer from the checkpoint's shards into the output
     folder's shards (written atomically, by the main process only). No perplexity: the whole
     model is never in memory; evaluate the output folder on its own."""
@@ -108,7 +111,7 @@ def run_streaming(*, model: str, method: str, target: float, nm, calib_data, nsa
             report, config = prune_streaming(source, tmp, calibration, method=method, sparsity=target, pattern=nm,
                                              device=compute, dtype=DTYPES[dtype], batch_size=batch_size,
                                              progress=progress, activations_on_disk=activations_on_disk,
-                                             trust_remote_code=trust_remote_code, **options)
+                                             trust_remote_code=trust_remote_code, schedule=schedule, **options)
         timings["prune_s"] = report.seconds
         timings["total_before_save_s"] = time.perf_counter() - started
         run_report = {

@@ -3,17 +3,17 @@
 The model is a skeleton whose parameters live on the meta device (no memory); its buffers (the
 rotary tables) are real, since they are computed, not stored. Then:
 
-1. the embeddings are read from the checkpoint's safetensors shards; the shared runner captures
-   the layer-0 inputs of the calibration batches; the embeddings go back to meta;
+1. the embedding rows of the tokens the calibration uses are read from the checkpoint's
+   safetensors shards; the shared runner captures the layer-0 inputs of the calibration batches;
+   the embeddings go back to meta;
 2. for each decoder layer: its tensors are read from the shards (safetensors ``safe_open``, one
    tensor at a time), the runner calibrates and prunes it and propagates the activations, its
    pruned tensors are written to the output shards, and it goes back to meta;
 3. every tensor outside the decoder layers (embeddings, final norm, LM head) is copied to the
    output as it is, one at a time.
 
-Peak memory: the embeddings during capture, then about one layer read and one written plus the
-calibration activations (nsamples x seqlen x hidden), whatever the depth; with
-``activations_on_disk`` the activations live in memory-mapped files instead. The output is an
+Peak memory: about one layer read and one written plus the calibration activations
+(nsamples x seqlen x hidden), whatever the depth; with ``activations_on_disk`` the activations live in memory-mapped files instead. The output is an
 ordinary sharded Hugging Face checkpoint with ``model.safetensors.index.json``.
 """
 
@@ -81,6 +81,22 @@ class CheckpointReader:
         begin, end = entry["data_offsets"]
         return StoredBytes(self._file_of[name], start + begin, end - begin, entry["dtype"], entry["shape"])
 
+    def read_rows(self, name: str, rows: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``rows`` of a stored 2-D tensor [V, H], as [len(rows), H]: plain reads at their
+        offsets, not a memory mapping, whose touched pages would count as this process's memory."""
+        stored = self.stored(name)
+        width = stored.shape[1]
+        row_bytes = stored.size // stored.shape[0]
+        stored_dtype = next(getattr(torch, k) for k, v in SAFETENSORS_DTYPES.items() if v == stored.dtype)
+        buffer = bytearray(len(rows) * row_bytes)
+        view = memoryview(buffer)
+        with open(stored.path, "rb") as handle:
+            for i, row in enumerate(rows):
+                handle.seek(stored.start + row * row_bytes)
+                if handle.readinto(view[i * row_bytes:(i + 1) * row_bytes]) != row_bytes:
+                    raise UsageError(f"{stored.path}: truncated tensor {name}")
+        return torch.frombuffer(buffer, dtype=stored_dtype).reshape(len(rows), width).to(dtype)
+
     def dtype_name(self, name: str) -> str:
         return self._stored[name][1]["dtype"]
 
@@ -146,13 +162,21 @@ def layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     raise RuntimeError("the decoder layers are not a submodule of the model")
 
 
-def load_outside_layers(model: nn.Module, reader: CheckpointReader, prefix: str, device, dtype) -> None:
-    """Read the input embeddings (all the capture pass needs) from the checkpoint."""
+def load_embedding_rows(model: nn.Module, reader: CheckpointReader, calibration: torch.Tensor, device,
+                        dtype) -> torch.Tensor:
+    """Read only the input-embedding rows the calibration uses (all the capture pass needs) and
+    return the calibration ids [nsamples, seqlen] renumbered into them: SmolLM2's embeddings are
+    a fifth of the model, a calibration set touches a few thousand of its 49152 rows."""
     embedding = model.get_input_embeddings()
-    for name, module in model.named_modules():
-        if module is embedding:
-            _set(model, f"{name}.weight", reader.read(f"{name}.weight", dtype), device)
-            return
+    name = next(n for n, module in model.named_modules() if module is embedding)  # e.g. model.embed_tokens
+    rows, renumbered = torch.unique(calibration, sorted=True, return_inverse=True)  # [U], [nsamples, seqlen]
+    # A [U, hidden] weight in place of the [V, hidden] one (accelerate's setter would refuse the
+    # shape); it goes back to meta after capture and the skeleton itself is never saved.
+    embedding.weight = nn.Parameter(reader.read_rows(f"{name}.weight", rows.tolist(), dtype).to(device),
+                                    requires_grad=False)
+    # padding_idx only matters to gradients, and may lie past the U rows, which F.embedding refuses.
+    embedding.padding_idx = None
+    return renumbered
 
 
 def release_outside_layers(model: nn.Module, prefix: str) -> None:
@@ -175,11 +199,11 @@ def prune_streaming(folder: str | Path, output_folder: Path | None, calibration:
                     method: str, sparsity: float | None, pattern, device: torch.device, dtype: torch.dtype,
                     batch_size: int = 1, progress: bool = True, max_shard_bytes: int = 2**30,
                     activations_on_disk: str | Path | None = None, trust_remote_code: bool = False,
-                    **method_options):
+                    schedule="uniform", **method_options):
     """Prune the checkpoint in ``folder`` layer by layer into shards written to ``output_folder``
     (the temporary folder of an atomic save; None on processes other than the main one).
     Returns (PruneReport, config of the output)."""
-    from .api import prune
+    from .api import check_calibration, prune
     from .models.adapters import adapter_for
 
     model = skeleton(folder, dtype, trust_remote_code)
@@ -190,11 +214,14 @@ def prune_streaming(folder: str | Path, output_folder: Path | None, calibration:
     try:
         if writer is not None:
             copy_outside_layers(reader, writer, prefix, dtype)
-        load_outside_layers(model, reader, prefix, device, dtype)
+        if calibration is not None:
+            check_calibration(model, calibration, f"method {method}")  # against the real vocabulary
+            calibration = load_embedding_rows(model, reader, calibration, device, dtype)
         placement = StreamFromCheckpoint(model, reader, writer, prefix, device, dtype)
         placement.activation_folder = activations_on_disk
         report = prune(model, calibration, method=method, sparsity=sparsity, pattern=pattern, device=device,
-                       batch_size=batch_size, progress=progress, placement=placement, **method_options)
+                       batch_size=batch_size, progress=progress, placement=placement, schedule=schedule,
+                       **method_options)
         release_outside_layers(model, prefix)
         if writer is not None:
             writer.finish()

@@ -65,6 +65,53 @@ def write_jsonl(path, records, opener=open):
             fh.write(json.dumps(r) + "\n")
 
 
+# ----------------------------------------------------------------------------- tokenising in pieces
+
+
+def test_long_text_is_tokenised_in_pieces_with_the_ids_of_one_call(tok, monkeypatch):
+    """Cut only where cutting changes nothing: the ids equal one call's, bit for bit, and the
+    tokeniser never sees a piece much longer than chunk_chars."""
+    no_cut = "-" * 9000  # nowhere to cut: joins the piece before it
+    text = SAMPLE * 8 + "\n\n  Numbers 12345 and   spaces\n\n" + no_cut + SAMPLE.replace(" ", "\n") * 4
+    seen = []
+    real = data._encode_piece
+    monkeypatch.setattr(data, "_encode_piece", lambda t, piece: seen.append(len(piece)) or real(t, piece))
+    ids = data._encode(tok, text, chunk_chars=2000)
+    assert torch.equal(ids, encode(tok, text))
+    pieces = [n for n in seen if n > 512]  # the 512-character checks aside
+    assert sum(pieces) == len(text)
+    assert len(pieces) >= (len(text) - len(no_cut)) // 4000
+    assert max(pieces) <= 4000 + len(no_cut) and sorted(pieces)[-2] <= 4000
+
+
+def test_tokeniser_that_cannot_be_cut_is_called_once():
+    """Llama-2-style normalisation prepends a word marker to every call, so a piece starting with
+    " was" gains a token: the check refuses every cut and the text goes through one call."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "▁": 1, "▁It": 2, "▁was": 3, "▁a": 4, "▁truth": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    prepending = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert encode(prepending, " was").tolist() == [1, 3]  # the extra marker a cut would add
+    text = "It was a truth " * 2000
+    assert data._safe_cut(prepending, text, 2000, 4000) is None
+    assert torch.equal(data._encode(prepending, text, chunk_chars=2000), encode(prepending, text))
+
+
+@needs_austen
+def test_novel_tokenised_in_pieces_equals_one_call(smollm2_folder):
+    """The real tokeniser (SmolLM2's byte-level BPE) on a whole novel."""
+    from transformers import AutoTokenizer
+
+    smollm2_tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    with gzip.open(AUSTEN / "persuasion.txt.gz", "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    assert torch.equal(data._encode(smollm2_tokenizer, text, chunk_chars=1 << 14), encode(smollm2_tokenizer, text))
+
+
 # ----------------------------------------------------------------------------- local files
 
 

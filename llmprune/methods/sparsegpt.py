@@ -21,27 +21,40 @@ log = logging.getLogger(__name__)
 
 
 class InputHessian:
-    """Running sum of XᵀX over all calibration tokens, in float32. H = 2 * sum / tokens."""
+    """Running sum of XᵀX over all calibration tokens. H = 2 * sum / tokens, in float64.
+
+    Each batch's XᵀX is a float32 matmul (the same bits whatever the thread count); the sum over
+    batches is kept in float64, so that summing in another order (two processes each summing their
+    share, then adding the two) moves the result by about 1e-16 relative, far below float32's
+    resolution: the Hessian the solve sees is the same whether calibration ran in one process or
+    several. A float32 running sum differs in its last bits, which flips masks at the top-k
+    boundary on real models and the difference then grows layer by layer.
+    """
 
     def __init__(self, in_features: int, device: torch.device):
-        self.sum_xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [in, in]
+        self.sum_xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)  # [in, in]
         self.tokens = 0
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).float()  # [tokens, in]
-        self.sum_xtx.addmm_(x.t(), x)
+        self.sum_xtx.add_(x.t() @ x)  # float32 product [in, in], accumulated in float64
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        return self.sum_xtx * (2.0 / max(self.tokens, 1))
+        return self.sum_xtx * (2.0 / max(self.tokens, 1))  # float64 [in, in]
 
 
 def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str = "",
                               max_retries: int = 4) -> torch.Tensor:
-    """Dampen H by ``percdamp`` x mean(diag H), invert it, return the upper Cholesky factor of H⁻¹.
+    """Dampen H by ``percdamp`` x mean(diag H), invert it, return the upper Cholesky factor of H⁻¹
+    as float32.
 
+    The factorisations run in float64: LAPACK's blocked Cholesky sums in an order that depends on
+    the thread count, and in float32 that changes the last bits of the result (and then the masks);
+    in float64 the difference vanishes when the factor is rounded to float32.
     A failed factorisation is retried with ten times more dampening each time, then refused.
     """
+    hessian = hessian.double()
     diagonal_mean = torch.mean(torch.diag(hessian))
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     damp = percdamp
@@ -51,7 +64,7 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str 
             inverse = torch.cholesky_inverse(factor)
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0 and torch.isfinite(upper).all():
-                return upper
+                return upper.float()
         if attempt < max_retries:
             log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g",
                         name, damp, damp * 10)
@@ -62,7 +75,8 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str 
 def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity: float,
                     pattern: NMPattern | None, blocksize: int = 128, percdamp: float = 0.01,
                     name: str = "") -> list[torch.Tensor]:
-    """Prune float32 matrices [out_i, in] that share the input Hessian [in, in]; return new ones.
+    """Prune float32 matrices [out_i, in] that share the input Hessian [in, in] (float64 or
+    float32); return new float32 ones.
 
     Unstructured: in each block of ``blocksize`` columns, the floor(rows_i * block * sparsity)
     weights of each matrix with the lowest w² / [H⁻¹]_jj² are removed. N:M: every m columns,
