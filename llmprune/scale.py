@@ -13,7 +13,7 @@ import torch
 
 from . import __version__, data, distributed
 from .errors import UsageError
-from .memory import PeakRSS, estimate_peak, refuse_unless_fits, release_free_heap
+from .memory import PeakRSS, allocate_large_blocks_with_mmap, estimate_peak, refuse_unless_fits, release_free_heap
 from .models.loading import DTYPES, base_model_id, resolve_model
 from .placement import parse_device_map, parse_max_memory, size_in_bytes
 
@@ -97,6 +97,7 @@ def run_streaming(*, model: str, method: str, target: float, nm, calib_data, nsa
     source = Path(resolve_model(model)).expanduser()
     if not source.is_dir():
         raise UsageError(f"--stream reads a local model folder (or a built-in alias), got {model!r}")
+    allocate_large_blocks_with_mmap()  # freed tensors go back to the system at once
     timings = {}
     t = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -159,6 +159,25 @@ def test_streaming_reads_only_the_embedding_rows_it_needs_and_follows_a_schedule
     assert all(torch.equal(saved[name], tensor) for name, tensor in expected.state_dict().items())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+@pytest.mark.parametrize("mmap_large_blocks", [False, True])
+def test_freed_tensors_go_back_to_the_system_in_streaming_runs(mmap_large_blocks):
+    """After glibc has freed an 8 MB block it serves a 6 MB tensor from the heap and keeps it when
+    freed; with the fixed threshold --stream sets, the memory leaves the process at once."""
+    script = ("import sys, psutil, torch\n"
+              "from llmprune.memory import allocate_large_blocks_with_mmap\n"
+              f"if {mmap_large_blocks}: allocate_large_blocks_with_mmap()\n"
+              "a = torch.ones(2 * 2**20); del a\n"  # 8 MB
+              "b = torch.ones(3 * 2**19)\n"  # 6 MB
+              "before = psutil.Process().memory_info().rss; del b\n"
+              "print((before - psutil.Process().memory_info().rss) / 2**20)\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    returned_mib = float(done.stdout.split()[-1])
+    assert returned_mib > 5.5 if mmap_large_blocks else returned_mib < 0.5
+
+
 FAST = ["--nsamples", "6", "--seqlen", "32", "--no-progress"]
 
 
