@@ -548,10 +548,10 @@ def _encode(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.LongTenso
     A fast tokeniser holds ~500 bytes per token while it encodes (offsets, alignments, token
     strings): 200 MB for two novels, more than a streamed SmolLM2 layer pass needs. So the text is
     cut about every ``chunk_chars`` characters, only at a single white space character that
-    follows a non-space and precedes a letter, and only where tokenising 256 characters either side of the cut as one
-    piece gives the same ids as the two halves (for byte-level BPE a cut before " word" is a
-    pre-token boundary; a tokeniser that adds a prefix space or reads across words fails the
-    check and is left uncut).
+    follows a non-space and precedes a letter, and only where tokenising 256 characters either
+    side of the cut as one piece gives the same ids as the two halves (for byte-level BPE a cut
+    before " word" is a pre-token boundary; a tokeniser that adds a prefix space or reads across
+    words fails the check and is left uncut).
     """
     pieces, start, lo = [], 0, chunk_chars
     while len(text) - lo > chunk_chars:  # look for a cut in [lo, lo + chunk_chars)

@@ -8,7 +8,7 @@ own contiguous share of the calibration batches. Per layer:
   order of a single-process run, so the result is bitwise the same. Matrix statistics (SparseGPT
   Hessians, [in, in]) are too large to keep per batch: their running sums are all-reduced in
   float64, in which they are kept, so the sum differs from the single-process one by about
-  1e-16 relative and rounds to the same float32 Hessian;
+  1e-16 relative, which vanishes when the solve rounds its float64 inverse factor to float32;
 - each input group (q/k/v, o, gate/up, down) is solved by one process, the solves spread
   round-robin, and the new weights are broadcast to all;
 - only the main process (rank 0) writes the output.

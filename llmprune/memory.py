@@ -99,7 +99,8 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     """Peak memory of a pruning run, before anything is loaded.
 
     weights: the whole model (memory), what the device map keeps in RAM (offload: at most the
-    ``cpu`` budget of --max-memory), or the calibration's embedding rows plus one layer read and one written (stream).
+    ``cpu`` budget of --max-memory), or the calibration's embedding rows plus one layer read and
+    one written (stream).
     activations: nsamples / processes x seqlen x hidden x bytes (the hidden states of this
     process's share, overwritten layer by layer), plus one batch's intermediate tensors inside a
     layer. statistics: per input group, a float32 vector (Wanda), a float64 [in, in] Hessian

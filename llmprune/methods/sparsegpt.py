@@ -10,6 +10,7 @@ while masks are still chosen per matrix, so the result equals pruning each matri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -25,9 +26,9 @@ class InputHessian:
 
     Each batch's XᵀX is a float32 matmul (the same bits whatever the thread count); the sum over
     batches is kept in float64, so that summing in another order (two processes each summing their
-    share, then adding the two) moves the result by about 1e-16 relative, far below float32's
-    resolution: the Hessian the solve sees is the same whether calibration ran in one process or
-    several. A float32 running sum differs in its last bits, which flips masks at the top-k
+    share, then adding the two) moves the result by about 1e-16 relative, which vanishes when the
+    solve rounds its float64 inverse factor to float32: the solve gets the same numbers whether
+    calibration ran in one process or several. A float32 running sum differs in its last bits, which flips masks at the top-k
     boundary on real models and the difference then grows layer by layer.
     """
 
@@ -49,11 +50,29 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str 
     """Dampen H by ``percdamp`` x mean(diag H), invert it, return the upper Cholesky factor of H⁻¹
     as float32.
 
-    The factorisations run in float64: LAPACK's blocked Cholesky sums in an order that depends on
-    the thread count, and in float32 that changes the last bits of the result (and then the masks);
-    in float64 the difference vanishes when the factor is rounded to float32.
+    The factorisations run in float64 and, on CPU, on one thread: LAPACK's blocked Cholesky splits
+    its sums by thread count, and the Hessians of real layers are ill-conditioned enough (~1e7-1e8)
+    that the resulting 1e-12 relative differences still change some float32 entries of the factor
+    (and then masks). One thread makes the factor the same in every process, whatever its thread
+    count; it costs a fraction of a second per [in, in] matrix at SmolLM2's sizes.
     A failed factorisation is retried with ten times more dampening each time, then refused.
     """
+    with _one_thread(hessian.device):
+        return _upper_cholesky_of_inverse(hessian, percdamp, name, max_retries)
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str, max_retries: int) -> torch.Tensor:
     hessian = hessian.double()
     diagonal_mean = torch.mean(torch.diag(hessian))
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
