@@ -108,7 +108,7 @@ def main() -> int:
             table += "OWL per-layer sparsity at 0.70: " + ", ".join(f"{x:.3f}" for x in sched) + "\n"
     work_s = sum(r["prune_s"] + r["eval_s"] for r in results["runs"]) + (results["owl"] or {}).get("seconds", 0)
     table += (f"\n{len(results['runs'])} runs; pruning + evaluation time {work_s / 60:.0f} min on the shared CPU"
-              + (" (in two processes: the second resumed the first's results)" if results["timings"].get("resumed")
+              + (" (several processes, each resuming the results of the one before)" if results["timings"].get("resumed")
                  else "") + ".\n")
     (RESULTS / "bench_sweep.md").write_text(table)
     plot(results, RESULTS / "bench_sweep.png")
