@@ -13,8 +13,9 @@ rotary tables) are real, since they are computed, not stored. Then:
    output as it is, one at a time.
 
 Peak memory: about one layer read and one written plus the calibration activations
-(nsamples x seqlen x hidden), whatever the depth; with ``activations_on_disk`` the activations live in memory-mapped files instead. The output is an
-ordinary sharded Hugging Face checkpoint with ``model.safetensors.index.json``.
+(nsamples x seqlen x hidden), whatever the depth; with ``activations_on_disk`` the activations
+live in memory-mapped files instead. The output is an ordinary sharded Hugging Face checkpoint
+with ``model.safetensors.index.json``.
 """
 
 from __future__ import annotations
