@@ -16,6 +16,7 @@ import logging
 import torch
 
 from ..errors import NumericalError, UsageError
+from ..memory import release_free_heap
 from .masks import NMPattern
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def _one_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
+        release_free_heap()  # what the factorisation freed, in whichever thread's arena it was
 
 
 def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str, max_retries: int) -> torch.Tensor:
