@@ -3,6 +3,8 @@ the estimate of a run's peak made before loading anything (``estimate_peak``).""
 
 from __future__ import annotations
 
+import functools
+
 import threading
 from dataclasses import dataclass
 
@@ -189,27 +191,32 @@ def allocate_large_blocks_with_mmap(threshold: int = 128 * 1024) -> None:
     tensors of a few MB land on the heap, where freed space between live blocks cannot be
     returned: a streamed run's RSS then drifts 20-80 MB above what it holds, more with several
     threads, and differently from run to run. Costs a page fault per page of each large tensor."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD (malloc.h)
 
 
 def release_free_heap() -> None:
     """Give freed heap memory back to the operating system (glibc's malloc_trim; elsewhere a
     no-op). Tokenising a whole novel or a layer's temporaries leave large freed blocks that glibc
     otherwise keeps in the process: for a run that must stay small, RSS is what counts."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """glibc through ctypes (loaded once: release_free_heap runs after every SparseGPT solve), or
+    None off Linux or on another C library."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # both exist in glibc, not in musl
     except (OSError, AttributeError):
-        pass
+        return None
+    return libc
