@@ -473,8 +473,8 @@ def model_card(base_model: str, report: dict) -> str:
                    "parameters_after": structured["parameters_after"]}
         title = (f"{structured['parameters_after'] / structured['parameters_before']:.1%} of the parameters "
                  f"kept, {structured['score']} scores")
-        storage = ("Attention heads, FFN neurons and layers were removed for real: the matrices are "
-                   "smaller, and so are the files and the compute per token.")
+        storage = (f"{_structured_removals(report)} removed for real: the matrices are smaller, and so are "
+                   "the files and the compute per token.")
     else:
         summary = {"method": method, "pattern": report["prune"]["pattern"],
                    "target_sparsity": report["prune"]["target_sparsity"],
@@ -489,12 +489,15 @@ def model_card(base_model: str, report: dict) -> str:
                    "the speed on ordinary kernels is unchanged.")
     if ppl:
         summary["perplexity"] = {k: round(v["perplexity"], 4) for k, v in ppl.items()}
+    license_id, origin = _base_model_facts(report.get("model"))
     front = {"base_model": base_model, "library_name": "transformers", "tags": ["llmprune", "pruned", method],
-             "llmprune": summary}
+             **({"license": license_id} if license_id else {}), "llmprune": summary}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(base_model).name} pruned with {method} ({title})", "",
-             f"Made by [llmprune](https://pypi.org/project/llmprune/) from `{base_model}`.", "",
+             f"Made by llmprune (post-training pruning) from `{base_model}`." + (f" {origin}" if origin else ""), "",
              storage + " The embeddings and LM head are not pruned.", ""]
+    if not license_id:
+        lines += ["License: not recorded by llmprune; the base model's license applies (see its model card).", ""]
     rows = []
     if params:
         rows.append(("parameters", f"{params['before']['nonzero']:,}", f"{params['after']['nonzero']:,}"))
@@ -522,3 +525,46 @@ def model_card(base_model: str, report: dict) -> str:
     lines += [f"Command: `{report.get('command', '')}`", "",
               "Per-layer details and timings are in `llmprune.json`.", ""]
     return "\n".join(lines)
+
+
+def _structured_removals(report: dict) -> str:
+    """What a structured run removed, in words: layers only when some were, heads and FFN neurons
+    when the report records that they were asked for (or cannot tell otherwise)."""
+    structured = report["structured"]
+    stages = [s.get("options", {}) for s in report.get("stages", []) if s.get("kind") == "structured"]
+    options = {**report.get("prune", {}), **structured.get("options", {}), **(stages[0] if stages else {})}
+    parts = []
+    if "heads" not in options or options["heads"]:
+        parts.append("attention heads")
+    if "ffn" not in options or options["ffn"]:
+        parts.append("FFN neurons")
+    if structured.get("removed_layers"):
+        parts.append(f"decoder layers {structured['removed_layers']}")
+    if not parts:
+        return "Nothing was"
+    what = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return what[0].upper() + what[1:] + " were"
+
+
+def _base_model_facts(model: str | None) -> tuple[str | None, str | None]:
+    """The base model's license (Hub identifier, or None when unknown) and a note on where its
+    weights came from. The built-in model's license is known; a local folder's is read from the
+    YAML front matter of its own model card, when it has one."""
+    from .models.loading import ALIASES
+
+    if model in ALIASES:
+        return "apache-2.0", ("The base weights are the built-in SmolLM2-135M-Instruct: 4-bit GGUF values (Q4_1) "
+                              "de-quantised to float32, so they differ slightly from the original release.")
+    card = Path(model) / "README.md" if model else None
+    if card is not None and card.is_file():
+        import yaml
+
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            try:
+                front = yaml.safe_load(text.split("---", 2)[1])
+            except yaml.YAMLError:
+                front = None
+            if isinstance(front, dict) and isinstance(front.get("license"), str):
+                return front["license"], None
+    return None, None

@@ -214,3 +214,37 @@ def test_structured_refusals_exit_2_and_write_nothing(tiny_folder, text_file, tm
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err, err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_model_card_license_origin_and_structured_wording(tmp_path):
+    from llmprune.save import model_card
+
+    def front_and_text(card):
+        return yaml.safe_load(card.split("---")[1]), card
+
+    unstructured = {"prune": {"method": "wanda", "pattern": "unstructured", "target_sparsity": 0.5,
+                              "overall_sparsity": 0.5}}
+    front, card = front_and_text(model_card("HuggingFaceTB/SmolLM2-135M-Instruct", {**unstructured, "model": "llama"}))
+    assert front["license"] == "apache-2.0"
+    assert "4-bit GGUF" in card and "de-quantised" in card
+    assert "pypi.org" not in card  # llmprune is not on PyPI: no dead link
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# a base model\n")
+    front, card = front_and_text(model_card("base", {**unstructured, "model": str(folder)}))
+    assert front["license"] == "mit" and "GGUF" not in card
+    front, card = front_and_text(model_card("org/unknown", {**unstructured, "model": "org/unknown"}))
+    assert "license" not in front and "base model's license applies" in card
+
+    def structured(heads, ffn, removed_layers):
+        return {"model": "llama", "prune": {"method": "structured", "heads": heads, "ffn": ffn},
+                "structured": {"score": "flap", "allocation": "uniform", "gqa": "groups",
+                               "removed_layers": removed_layers, "parameters_before": 100, "parameters_after": 80}}
+
+    card = model_card("b", structured(0.2, 0.2, []))
+    assert "Attention heads and FFN neurons were removed" in card and "layers" not in card.split("---")[2]
+    card = model_card("b", structured(0.0, 0.25, []))
+    assert "FFN neurons were removed" in card and "ttention heads" not in card.split("---")[2]
+    card = model_card("b", structured(0.0, 0.0, [3, 7]))
+    assert "Decoder layers [3, 7] were removed" in card

@@ -69,6 +69,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = "SmolLM2-135M-Instruct"
+    vars(model.config).pop("_model_name_or_path", None)  # the GGUF file's internal name, not a config field
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
