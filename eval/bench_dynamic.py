@@ -59,8 +59,8 @@ def main() -> None:
     import transformers
 
     from llmprune import data
-    from llmprune.dynamic import attach, calibrate, default_exit_layers, detach, fit_dynamic
     from llmprune.dynamic import _fit as fitting
+    from llmprune.dynamic import attach, calibrate, default_exit_layers, detach, fit_dynamic
     from llmprune.evaluate import tokenizer_adds_bos
     from llmprune.models.loading import load_model
 

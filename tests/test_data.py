@@ -102,6 +102,7 @@ def test_tokeniser_that_cannot_be_cut_is_called_once():
 
 
 @needs_austen
+@pytest.mark.slow
 def test_novel_tokenised_in_pieces_equals_one_call(smollm2_folder):
     """The real tokeniser (SmolLM2's byte-level BPE) on a whole novel."""
     from transformers import AutoTokenizer

@@ -108,6 +108,7 @@ def test_key_value_fill_writes_what_the_layer_writes(arch):
     assert torch.equal(fresh.layers[1].values, cache.layers[1].values)
 
 
+@pytest.mark.slow
 def test_exit_maps_fit_the_last_layer_better_than_no_map(text_ids):
     model, ids = text_ids
     fitted = fit_dynamic(model, ids, [1, 2], progress=False)
@@ -126,6 +127,7 @@ def test_exit_maps_fit_the_last_layer_better_than_no_map(text_ids):
     assert table.agree[:, 0].float().mean() > plain.agree[:, 0].float().mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [dict(max_ppl_increase=0.05), dict(min_agreement=0.9)])
 def test_calibration_meets_the_target_and_exits(text_ids, target):
     model, ids = text_ids
@@ -192,6 +194,7 @@ def test_lossless_generation_is_the_full_models_greedy_output(arch, drafting):
     assert torch.equal(model(prompt).logits, detach(model)(prompt).logits)  # forward is the full model's
 
 
+@pytest.mark.slow
 def test_lossless_calibration_reports_acceptance(text_ids):
     model, ids = text_ids
     try:
@@ -214,6 +217,8 @@ def _saved_folder(tmp_path, model, tokenizer):
                        extra_files=lambda tmp: save_dynamic(model, tmp))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_saved_folder_loads_static_plainly_and_dynamic_otherwise(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -281,6 +286,7 @@ def test_refusals_are_usage_errors(text_ids):
     assert not hasattr(model, "llmprune_dynamic")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--early-exit", "--token-skip", "--max-ppl-increase", "0.1"],
                                    ["--lossless"]])
 def test_cli_dynamic_run_writes_a_loadable_folder(tiny_folder, text_file, tmp_path, capsys, flags):
@@ -320,6 +326,8 @@ def test_cli_dynamic_refusals(tiny_folder, text_file, tmp_path, capsys, extra, m
     assert not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_an_uneven_structured_model_can_be_made_dynamic_and_reloaded(text_ids, tmp_path, tokenizer):
     import llmprune
     from llmprune.save import save_folder

@@ -38,6 +38,7 @@ def test_recipes_folder_has_the_promised_recipes():
     assert kinds == [["structured", "wanda", "dynamic"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_runs_on_a_tiny_model(recipe, six_layer_folder, text_file, tmp_path, monkeypatch):
     document = yaml.safe_load(recipe.read_text())

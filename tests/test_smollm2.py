@@ -13,7 +13,7 @@ import torch
 
 from conftest import AUSTEN
 
-pytestmark = pytest.mark.skipif(not AUSTEN.is_dir(), reason="needs ../shared/data/austen")
+pytestmark = [pytest.mark.skipif(not AUSTEN.is_dir(), reason="needs ../shared/data/austen"), pytest.mark.slow]
 
 
 def test_builtin_model_is_an_ordinary_float_folder(smollm2_folder):
@@ -51,6 +51,7 @@ def run_main_job(tmp_path, method):
     return json.loads((out / "llmprune.json").read_text())
 
 
+@pytest.mark.subprocess
 def test_wanda_is_far_better_than_magnitude_on_the_real_model(tmp_path):
     wanda = run_main_job(tmp_path, "wanda")
     magnitude = run_main_job(tmp_path, "magnitude")
@@ -62,6 +63,7 @@ def test_wanda_is_far_better_than_magnitude_on_the_real_model(tmp_path):
     assert magnitude["perplexity"]["pruned"]["perplexity"] > 3 * wanda["perplexity"]["pruned"]["perplexity"]
 
 
+@pytest.mark.subprocess
 def test_structured_on_the_real_model_shrinks_and_reloads_plainly(tmp_path):
     """FLAP scores, a third of the KV groups and a quarter of the FFN, uniform: an ordinary folder."""
     out = tmp_path / "structured"
@@ -83,6 +85,7 @@ def test_structured_on_the_real_model_shrinks_and_reloads_plainly(tmp_path):
     assert dense < pruned < 20 * dense  # damaged but still a language model
 
 
+@pytest.mark.subprocess
 def test_structured_global_queries_layers_round_to_on_the_real_model(tmp_path):
     """The other options on SmolLM2: query heads evenly per group, global allocation with widths
     rounded to 64, two layers removed; the folder needs llmprune's class and says so."""
