@@ -89,6 +89,7 @@ def test_eval_bad_input(pruned_folder, capsys):
     assert main(["eval"]) == 2
 
 
+@pytest.mark.slow
 def test_lm_eval_tasks_in_process_and_hf_model_type_agree(pruned_folder, task_folder, tmp_path, monkeypatch):
     import lm_eval  # in the test extra: a missing package is a failure, not a skip
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -170,6 +170,8 @@ def kill_during_save(process: subprocess.Popen, parent: Path, name: str, sig: in
     return {"rc": process.returncode, "out": out, "err": err, "sent": sent}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_kills_during_save_leave_target_absent_old_or_complete(tmp_path, model_folder, calib_file, reference):
     rng = random.Random()
     seed = rng.randrange(2**32)

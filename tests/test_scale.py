@@ -159,6 +159,7 @@ def test_streaming_reads_only_the_embedding_rows_it_needs_and_follows_a_schedule
     assert all(torch.equal(saved[name], tensor) for name, tensor in expected.state_dict().items())
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 @pytest.mark.parametrize("mmap_large_blocks", [False, True])
 def test_freed_tensors_go_back_to_the_system_in_streaming_runs(mmap_large_blocks):
@@ -251,6 +252,8 @@ def test_cli_refuses_what_memory_cannot_hold(tiny_folder, text_file, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("method", [["--method", "wanda"], ["--method", "sparsegpt"],
                                     ["--method", "structured", "--heads", "0.5", "--ffn", "0.25", "--layers", "1",
                                      "--score", "flap"]], ids=["wanda", "sparsegpt", "structured"])

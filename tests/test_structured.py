@@ -45,6 +45,8 @@ def load_in_fresh_process(folders: list, tmp_path, prelude: str = "", trust: boo
     return torch.load(tmp_path / "results.pt")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_uniform_results_reload_bitwise_with_plain_transformers(tmp_path):
     """Every family, score and GQA mode; GQA ratios 1, 3 and 4 query heads per KV head."""
     cases = [(arch, score, gqa, 3) for arch in ARCHITECTURES for score in ("magnitude", "wanda", "flap")
@@ -159,6 +161,8 @@ def test_layer_removal_drops_the_least_changing_layers_and_updates_per_layer_lis
     assert out.shape == (1, 12)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_global_allocation_differs_per_layer_and_round_trips(tmp_path):
     model = tiny_model(num_hidden_layers=4)
     report = llmprune.prune_structured(model, IDS, ffn=0.4, heads=0.5, score="wanda", allocation="global",
