@@ -98,6 +98,7 @@ def test_offloaded_structured_equals_in_memory(tmp_path, source):
     assert torch.allclose(model(ids).logits, expected(ids).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,on_disk", [("wanda", False), ("sparsegpt", True), ("magnitude", False)])
 def test_streaming_writes_the_in_memory_result_as_sharded_checkpoint(tmp_path, source, method, on_disk):
     from llmprune.stream import prune_streaming
@@ -159,6 +160,7 @@ def test_streaming_reads_only_the_embedding_rows_it_needs_and_follows_a_schedule
     assert all(torch.equal(saved[name], tensor) for name, tensor in expected.state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 @pytest.mark.parametrize("mmap_large_blocks", [False, True])
@@ -189,6 +191,7 @@ def _cli(folder, text_file, output, *extra):
                  "--output", str(output), *FAST, *extra])
 
 
+@pytest.mark.slow
 def test_cli_stream_and_offload_save_the_in_memory_result(tiny_folder, text_file, tmp_path):
     assert _cli(tiny_folder, text_file, tmp_path / "memory", "--method", "sparsegpt") == 0
     assert _cli(tiny_folder, text_file, tmp_path / "stream", "--method", "sparsegpt", "--stream",
