@@ -244,7 +244,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
 def test_live_temporaries_are_kept_and_stale_ones_removed_whatever_their_pid(tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()
-    stale = [f".out.tmp-{gone.pid}-abc_123", f".out.tmp-{os.getpid()}-mine00", f".out.tmp-1-init00"]
+    stale = [f".out.tmp-{gone.pid}-abc_123", f".out.tmp-{os.getpid()}-mine00", ".out.tmp-1-init00"]
     for name in stale:  # the pid in the name says nothing: our own, init's, a dead one
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"partial")
