@@ -188,7 +188,9 @@ def _refuse_related(target: Path, inputs: list[tuple[str, Path]]) -> None:
 
 
 def _check_target_itself(target: Path, overwrite: bool, marker: str) -> None:
-    """Exists as a non-folder, non-empty, not llmprune's, held by another run, unwritable parent."""
+    """Exists as a non-folder, non-empty, not llmprune's, name too long, unwritable parent. (Whether
+    another run holds it is asked by claim_output only: with several processes (accelerate
+    launch) the main one may claim it while the others still check.)"""
     try:
         spare = _name_max(target.parent) - len(os.fsencode(f".{target.name}.tmp-{os.getpid()}-")) - 8
         if spare < 0:
@@ -205,9 +207,6 @@ def _check_target_itself(target: Path, overwrite: bool, marker: str) -> None:
     if nonempty and not made_by_llmprune(target, marker):
         raise UsageError(f"output folder {str(target)!r} was not written by llmprune (it holds no {marker}); "
                          f"--overwrite replaces only llmprune's own folders or empty ones: nothing was changed")
-    if target not in _CLAIMS and _lock_is_held(lock_path(target)):
-        raise UsageError(f"output folder {str(target)!r} is being written by another llmprune run; "
-                         f"wait for it to end or choose another --output")
     existing = next((p for p in (target.parent, *target.parent.parents) if os.path.lexists(p)), None)
     if existing is not None and not existing.is_dir():
         raise UsageError(f"cannot create {str(target)!r}: {str(existing)!r} is not a folder")
@@ -341,7 +340,7 @@ def _lock(path: Path):
             raise UsageError(f"cannot create the lock file {str(path)!r}: {error.strerror}") from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a run holds it, or another run's check looks at it for an instant
+        except BlockingIOError:  # a run holds it (or is just letting it go: wait a moment)
             os.close(descriptor)
             busy_since = busy_since or time.monotonic()
             if time.monotonic() - busy_since > 0.25:
@@ -356,25 +355,6 @@ def _lock(path: Path):
             return descriptor
         os.close(descriptor)  # its holder removed it after we opened it: lock the new file
     raise UsageError(f"cannot take the lock {str(path)!r}: it keeps being replaced")
-
-
-def _lock_is_held(path: Path) -> bool:
-    """Whether another process holds the lock file ``path`` (read only: creates nothing)."""
-    if fcntl is None:
-        return False
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return False
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(descriptor)
 
 
 # ----------------------------------------------------------------------------- locks on temporary folders
