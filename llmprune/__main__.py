@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=16384,
                    help="evaluate on at most this many tokens (default 16384; 0 = all)")
     p.add_argument("--output", default=None, help="output folder (default: pruned/<model>-<method>-<pattern>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an output folder that an earlier llmprune run wrote (it holds llmprune.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an empty output folder or one an earlier llmprune run wrote (it holds llmprune.json)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward call")

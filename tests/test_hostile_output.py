@@ -190,7 +190,8 @@ def test_overwrite_replaces_only_llmprune_folders_or_empty_ones(model_folder, ca
     assert main(argv + ["--output", str(out)]) == 0
     first = json.loads((out / "llmprune.json").read_text())
     assert main(argv + ["--output", str(out), "--overwrite", "--sparsity", "0.25"]) == 0  # its own folder
-    assert json.loads((out / "llmprune.json").read_text())["prune"]["target_sparsity"] != first["prune"]["target_sparsity"]
+    second = json.loads((out / "llmprune.json").read_text())
+    assert second["prune"]["target_sparsity"] != first["prune"]["target_sparsity"]
     (tmp_path / "empty").mkdir()
     assert main(argv + ["--output", str(tmp_path / "empty"), "--overwrite"]) == 0
     assert (tmp_path / "empty" / "model.safetensors").is_file()
