@@ -22,7 +22,8 @@ samples (on a CPU-only machine add --multi_gpu, which selects accelerate's torch
 is used on CPU, NCCL on GPUs). Only the main process writes the output.
 
 Exit codes: 0 success, 2 bad input (nothing written), 1 numerical failure or output that cannot be
-written (disk full: no folder, no temporary left), 130 interrupted (no partial output folder).
+written (disk full: no folder, no temporary left), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM); an interrupted run leaves no partial output folder.
 """
 
 
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=16384,
                    help="evaluate on at most this many tokens (default 16384; 0 = all)")
     p.add_argument("--output", default=None, help="output folder (default: pruned/<model>-<method>-<pattern>)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an empty output folder or one an earlier llmprune run wrote (it holds llmprune.json)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per forward call")
@@ -117,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from .guard import RunGuard, Terminated
     from .save import WRITTEN
 
     written = len(WRITTEN)
+    guard = RunGuard()  # SIGTERM ends the run as Ctrl-C does; the run's output locks are released at the end
     try:
         from .commands import SUBCOMMANDS
 
@@ -143,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as error:  # disk full, permission lost: no output folder, no temporary left
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a save in progress has removed its temporary folder
-        done = WRITTEN[written:]
-        print(f"interrupted; the output folder {str(done[-1])!r} had been written completely" if done
-              else "interrupted; no output folder was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: a save in progress has removed its temporary folder
+        done, word = WRITTEN[written:], "terminated" if isinstance(error, Terminated) else "interrupted"
+        print(f"{word}; the output folder {str(done[-1])!r} had been written completely" if done
+              else f"{word}; no output folder was written", file=sys.stderr)
+        return 143 if isinstance(error, Terminated) else 130
+    finally:
+        guard.close()
     return 0
 
 

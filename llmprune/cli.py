@@ -20,7 +20,7 @@ from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import base_model_id, load_model
 from .placement import is_dispatched
-from .save import check_output_folder, model_card, save_folder
+from .save import check_output_folder, claim_output, model_card, save_folder
 from .schedules import check_owl_options, parse_schedule
 from .structured import check_structured, check_structured_options, prune_structured, structured_checkpoint
 
@@ -138,8 +138,9 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
     else:
         tag = str(nm).replace(":", "of") if nm else f"{round(target * 100):d}"
         tag += "-owl" if schedule == "owl" else "-schedule" if isinstance(schedule, list) else ""
-    target_folder = (check_output_folder(output, overwrite) if output is not None
-                     else _default_output(model, method, tag))
+    target_folder = check_output_folder(output if output is not None else _default_output(model, method, tag),
+                                        overwrite, model=model, checkpoint_dir=checkpoint_dir,
+                                        offload_folder=offload_folder, activations_on_disk=activations_on_disk)
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
@@ -159,6 +160,8 @@ def run(*, model: str, method: str, sparsity, pattern: str, calib_data: list[str
                                   activations_on_disk=bool(activations_on_disk), compute=compute, force=force,
                                   trust_remote_code=trust_remote_code, group=group)
     options = {"blocksize": blocksize, "percdamp": percdamp} if method == "sparsegpt" else {}
+    if group is None or group.main:  # every check passed: lock the output for the whole run
+        claim_output(target_folder, overwrite)
     if stream:
         return scale.run_streaming(model=model, method=method, target=target, nm=nm, calib_data=calib_data,
                                    nsamples=nsamples, seqlen=seqlen, seed=seed, target_folder=target_folder,

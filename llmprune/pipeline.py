@@ -22,7 +22,7 @@ from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import base_model_id, load_model
 from .recipes import STAGE_OPTIONS, check_values, explicit_flags, load_recipe, merge, recipe_yaml, stage_kind
-from .save import check_output_folder, model_card, save_folder
+from .save import check_output_folder, claim_output, model_card, save_folder
 from .structured import check_structured, prune_structured
 
 RECIPE_FILE = "recipe.yaml"
@@ -88,7 +88,7 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
     calib_data = settings.get("calib_data") or ["default"]
     output = settings.get("output")
     overwrite = bool(settings.get("overwrite"))
-    target_folder = check_output_folder(output, overwrite) if output else _recipe_output(model, recipe["name"])
+    target_folder = check_output_folder(output or _recipe_output(model, recipe["name"]), overwrite, model=model)
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
@@ -114,6 +114,7 @@ def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[s
                        compute=compute, force=bool(settings.get("force")),
                        trust_remote_code=bool(settings.get("trust_remote_code")))
 
+    claim_output(target_folder, overwrite)  # every check passed: lock the output for the whole run
     timings = {}
     t = time.perf_counter()
     lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=bool(settings.get("trust_remote_code")))

@@ -1,12 +1,14 @@
 """Atomic Hugging Face output folders: weights, tokenizer, model card, and the run report.
 
 Everything is written to a hidden temporary folder ``.<name>.tmp-<pid>-XXXX`` beside the target,
-flushed to disk, and renamed into place at the end, so the target is either absent or complete;
-a folder being replaced (``--overwrite``) is swapped out in one atomic exchange where the system
-has one, so it is at every moment either the old complete folder or the new one. A run that is
-killed leaves at most a hidden temporary folder, which the next save to the same target removes
-(its owner process, named in the folder name, is gone). Only safetensors are written, and token-
-like secrets are redacted from the report and model card.
+flushed to disk, and renamed into place at the end with a rename that never replaces anything,
+so the target is either absent or complete; a folder being replaced (``--overwrite``, only an
+empty folder or one llmprune wrote, see llmprune.guard) is swapped out in one atomic exchange
+where the system has one, so it is at every moment either the old complete folder or the new
+one. The target is locked for the whole save (llmprune.guard.claim_output), and each temporary
+folder is locked by its process while it exists: a run that is killed leaves at most a hidden
+temporary folder nobody holds, which the next save to the same target removes. Only safetensors
+are written, and token-like secrets are redacted from the report and model card.
 """
 
 from __future__ import annotations
@@ -27,52 +29,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError, UsageError
+from .guard import (Terminated, check_output_folder, claim_output, folder_unlocked, is_claimed,  # noqa: F401
+                    lock_folder, release_output, replaceable)
 
 log = logging.getLogger(__name__)
 
 WRITTEN: list[Path] = []  # folders this process has put in place, so an interrupt can say so
-
-
-def check_output_folder(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse (before any work) a target that exists and is not empty, unless overwrite, and one
-    that could never be written (its parent is a file, its name leaves no room for the temporary
-    folder's)."""
-    if not os.fspath(path):
-        raise UsageError("--output must name a folder, got ''")
-    try:  # an unknown ~user, a name longer than the file system allows
-        target = Path(path).expanduser().resolve()
-        spare = _name_max(target.parent) - len(os.fsencode(f".{target.name}.tmp-{os.getpid()}-")) - 8
-        if spare < 0:
-            raise UsageError(f"output folder name is {-spare} bytes too long to be written beside its "
-                             f"temporary folder: {target.name[:40]!r}...")
-        exists, is_dir = target.exists(), target.is_dir()
-    except (OSError, RuntimeError) as error:
-        raise UsageError(f"--output {os.fspath(path)!r}: {getattr(error, 'strerror', None) or error}") from None
-    if exists and not is_dir:
-        raise UsageError(f"output {str(target)!r} exists and is not a folder")
-    if is_dir and any(target.iterdir()) and not overwrite:
-        raise UsageError(f"output folder {str(target)!r} is not empty; pass --overwrite to replace it")
-    parent = target.parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"cannot create {str(target)!r}: {str(parent)!r} is not a folder")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"cannot create {str(parent)!r}: {error.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write in {str(parent)!r}")
-    return target
-
-
-def _name_max(folder: Path) -> int:
-    """The longest file name (bytes) of the file system that holds ``folder`` or its nearest ancestor."""
-    for candidate in (folder, *folder.parents):
-        try:
-            return os.pathconf(candidate, "PC_NAME_MAX")
-        except (OSError, ValueError):
-            continue
-    return 255
 
 
 def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card: str,
@@ -114,36 +76,49 @@ def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
     """Yield a hidden temporary folder beside ``target`` to fill; when the block ends normally it
     is flushed to disk and put at ``target`` in one rename (see save_folder for the guarantees).
     An exception in the block removes it; a failed write becomes an OutputError. Streaming runs
-    fill it shard by shard over a whole run."""
-    remove_stale_temporaries(Path(target).expanduser().resolve())
-    target = check_output_folder(target, overwrite)
+    fill it shard by shard over a whole run. The target is claimed (checked, locked) here unless
+    the caller claimed it already, and then released here."""
+    claimed_here = not is_claimed(target)
+    target = claim_output(target, overwrite)
+    try:
+        remove_stale_temporaries(target)  # under the target's lock: no run of ours is filling them
+        with _filled_then_installed(target, overwrite) as tmp:
+            yield tmp
+    finally:
+        if claimed_here:
+            release_output(target)
+
+
+@contextmanager
+def _filled_then_installed(target: Path, overwrite: bool):
     tmp = None
     try:
         with _InterruptsHeld() as held:  # no folder may exist that ``tmp`` does not name yet
             tmp = _temporary_folder(target, "tmp")
-        if held.interrupted:
-            raise KeyboardInterrupt
+        held.reraise()
         yield tmp
         _make_ordinary(tmp)
         _sync_folder(tmp)
         _test_pause()
-        with _InterruptsHeld() as held:  # never cut in half by Ctrl-C
-            old = _install(tmp, target)
+        with _InterruptsHeld() as held:  # never cut in half by Ctrl-C or SIGTERM
+            old = _install(tmp, target, overwrite)
+            _release_temporary(tmp)
             tmp = None
             WRITTEN.append(target)
             _test_pause()
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+                _release_temporary(old)
             try:  # the rename itself on disk; the folder is complete either way
                 _fsync_path(target.parent)
             except OSError:
                 pass
-        if held.interrupted:  # the folder is complete; the interrupt still stops the run
-            raise KeyboardInterrupt
+        held.reraise()  # the folder is complete; the interrupt still stops the run
     except BaseException as error:
         if tmp is not None:
             with _InterruptsHeld():
                 shutil.rmtree(tmp, ignore_errors=True)
+                _release_temporary(tmp)
         cause = _os_error(error) if isinstance(error, Exception) and not isinstance(error, UsageError) else None
         if cause is not None:
             kept = " (the existing folder is unchanged)" if target.exists() else ""
@@ -255,10 +230,24 @@ def _test_pause() -> None:
         time.sleep(delay)
 
 
+_FOLDER_LOCKS: dict[Path, int] = {}  # temporary folders of this process -> descriptor holding their lock
+
+
 def _temporary_folder(target: Path, kind: str) -> Path:
-    """``.<name>.<kind>-<pid>-XXXXXXXX`` beside the target: the pid tells a later run whether the
-    owner is still alive."""
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+    """``.<name>.<kind>-<pid>-XXXXXXXX`` beside the target, locked (flock on the folder) until it
+    is put in place or removed: the lock, not the pid (wrong across process namespaces), tells a
+    later run that its owner still lives; the pid is there for people reading the folder."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-{os.getpid()}-", dir=target.parent))
+    descriptor = lock_folder(folder)
+    if descriptor is not None:
+        _FOLDER_LOCKS[folder] = descriptor
+    return folder
+
+
+def _release_temporary(folder: Path) -> None:
+    descriptor = _FOLDER_LOCKS.pop(folder, None)
+    if descriptor is not None:
+        os.close(descriptor)
 
 
 _LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+")
@@ -266,9 +255,10 @@ _LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+")
 
 def remove_stale_temporaries(target: Path) -> list[Path]:
     """Remove what runs killed while saving to ``target`` left beside it: hidden temporary folders
-    whose owner process is gone. A replacement cut between its two renames (only where the atomic
-    exchange is unavailable) is rolled back: the old folder returns to ``target``. Folders of live
-    processes are left alone. Returns the removed folders."""
+    whose lock nobody holds (their process is gone, whatever its namespace). A replacement cut
+    between its two renames (only where the atomic exchange is unavailable) is rolled back: the
+    old folder returns to ``target``. Folders whose lock is held, or cannot be tested, are left
+    alone. Returns the removed folders."""
     removed = []
     prefix = f".{target.name}."
     try:
@@ -277,71 +267,81 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
         return removed
     for path in entries:
         match = _LEFTOVER.fullmatch(path.name[len(prefix):]) if path.name.startswith(prefix) else None
-        if match is None or path.is_symlink() or not path.is_dir() or _process_alive(int(match["pid"])):
+        if match is None or path.is_symlink() or not path.is_dir():
             continue
-        if match["kind"] == "old" and not os.path.lexists(target) and (path / target.name).is_dir():
-            os.replace(path / target.name, target)
-            log.warning("restored %s, which an interrupted run had moved aside", target)
-        shutil.rmtree(path, ignore_errors=True)
-        log.warning("removed %s, left by an interrupted run (process %s)", path, match["pid"])
+        descriptor = folder_unlocked(path)
+        if descriptor is None:  # a live run's, or unknown
+            continue
+        try:
+            if match["kind"] == "old" and not os.path.lexists(target) and (path / target.name).is_dir():
+                os.replace(path / target.name, target)
+                log.warning("restored %s, which an interrupted run had moved aside", target)
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(descriptor)
+        log.warning("removed %s, left by an interrupted run", path)
         removed.append(path)
     return removed
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (zombies count as gone); unknown means alive."""
-    if pid == os.getpid():
-        return True
-    if os.name != "posix":  # no harmless probe (os.kill would terminate it): never remove
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, owned by someone else
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
-
-
 class _InterruptsHeld:
-    """SIGINT inside the block is held (``interrupted`` becomes true) instead of raising
-    KeyboardInterrupt in the middle of it; the caller decides what to do afterwards. A no-op
-    outside the main thread, and when SIGINT is ignored."""
+    """SIGINT (and SIGTERM, when a Python handler such as llmprune.guard.RunGuard's is installed)
+    inside the block is held instead of raising in the middle of it; ``reraise()`` afterwards
+    raises it (KeyboardInterrupt, or Terminated for SIGTERM). A no-op outside the main thread,
+    and for a signal that is ignored."""
 
     def __init__(self):
-        self.interrupted = False
-        self._previous = None
+        self.interrupted = None  # the signal number held
+        self._previous = {}
 
     def _hold(self, signum, frame):
-        self.interrupted = True
+        self.interrupted = self.interrupted or signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous not in (signal.SIG_IGN, None):
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.getsignal(signum)
+                if previous in (signal.SIG_IGN, None) or (signum == signal.SIGTERM and not callable(previous)):
+                    continue
                 try:
-                    signal.signal(signal.SIGINT, self._hold)
-                    self._previous = previous
+                    signal.signal(signum, self._hold)
+                    self._previous[signum] = previous
                 except (ValueError, OSError):
                     pass
         return self
 
     def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
+    def reraise(self) -> None:
+        if self.interrupted == signal.SIGTERM:
+            raise Terminated()
+        if self.interrupted:
+            raise KeyboardInterrupt
 
-def _install(tmp: Path, target: Path) -> Path | None:
-    """Put the complete folder ``tmp`` at ``target``. Returns the folder now holding the replaced
-    content, to be deleted, or None."""
+
+_APPEARED = "something else was put there during this run"
+
+
+def _install(tmp: Path, target: Path, overwrite: bool) -> Path | None:
+    """Put the complete folder ``tmp`` at ``target``, never replacing anything unless
+    ``overwrite`` (and then only an empty folder or one llmprune wrote, checked again now).
+    Returns the folder now holding the replaced content, to be deleted, or None."""
+    if os.path.lexists(target) and not overwrite:  # empty when checked: removed only if still empty
+        try:
+            os.rmdir(target)
+        except OSError:
+            raise OSError(errno.EEXIST, _APPEARED, str(target)) from None
     if not os.path.lexists(target):
-        os.replace(tmp, target)
+        try:
+            rename_no_replace(tmp, target)
+        except FileExistsError:
+            raise OSError(errno.EEXIST, _APPEARED, str(target)) from None
         return None
+    if target.is_symlink() or not target.is_dir() or not replaceable(target):
+        raise OSError(errno.EEXIST, "it is no longer empty or a folder llmprune wrote", str(target))
     if _exchange(tmp, target):  # one atomic step: target is old, then new
         return tmp
     old = _temporary_folder(target, "old")
@@ -351,12 +351,31 @@ def _install(tmp: Path, target: Path) -> Path | None:
     except BaseException:
         os.replace(old / target.name, target)
         shutil.rmtree(old, ignore_errors=True)
+        _release_temporary(old)
         raise
     return old
 
 
+def rename_no_replace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` only if nothing is at ``target`` (FileExistsError
+    otherwise): Linux renameat2(RENAME_NOREPLACE) in one step; elsewhere a check, then a rename,
+    safe against other llmprune runs because the caller holds the target's lock."""
+    if _renameat2(source, target, 1):
+        return
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
+
+
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    """Swap two paths atomically (RENAME_EXCHANGE). False where unsupported."""
+    return _renameat2(a, b, 2)
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2: flags 1 RENAME_NOREPLACE (fails with FileExistsError when ``b`` exists),
+    2 RENAME_EXCHANGE (swap two paths atomically). False where the kernel, file system or C
+    library lacks it."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -365,12 +384,14 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     renameat2.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # kernel or file system lacks it
         return False
+    if code == errno.EEXIST:
+        raise FileExistsError(code, os.strerror(code), str(b))
     raise OSError(code, os.strerror(code), str(b))
 
 

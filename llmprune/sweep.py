@@ -27,6 +27,7 @@ from . import __version__, data
 from .api import check_device, check_pattern_fits, check_sparsity, prune
 from .errors import UsageError
 from .evaluate import perplexity, tokenizer_adds_bos
+from .guard import check_output_folder, claim_output
 from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import load_model
@@ -110,9 +111,7 @@ def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, ca
     started = time.perf_counter()
     if not runs:
         raise UsageError("the sweep has no runs")
-    folder = Path(output).expanduser()
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not overwrite)):
-        raise UsageError(f"sweep output {str(folder)!r} exists and is not an empty folder; pass --overwrite")
+    folder = check_output_folder(output, overwrite, marker="sweep.json", model=model)
     compute = check_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if compute.type == "cuda" else "float32"
@@ -121,6 +120,7 @@ def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, ca
     data.check_sources(calib_data)
     data.check_sources(eval_data)
 
+    claim_output(folder, overwrite)  # every check passed: lock the output for the whole sweep
     t = time.perf_counter()
     lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     adapter = adapter_for(lm)

@@ -107,6 +107,10 @@ def test_existing_output_is_refused_then_overwritten(tiny_folder, text_file, tmp
     assert run_cli(tiny_folder, text_file, out, "--method", "magnitude") == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert run_cli(tiny_folder, text_file, out, "--method", "magnitude", "--overwrite") == 2  # not llmprune's
+    assert "not written by llmprune" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "llmprune.json").write_text("{}")  # as an earlier run leaves it
     assert run_cli(tiny_folder, text_file, out, "--method", "magnitude", "--overwrite") == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -358,6 +358,7 @@ def resolve_output(world: World, ex: Path, token):
     if token == "@existing_nonempty":
         (outs / "full").mkdir()
         (outs / "full" / "keep.txt").write_text("precious")
+        (outs / "full" / "llmprune.json").write_text("{}")  # an earlier run's folder: --overwrite may replace it
         return str(outs / "full"), outs / "full"
     if token == "@existing_file":
         (outs / "file").write_text("a file")

@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..evaluate import measure_speed, perplexity, tokenizer_adds_bos
 from ..models.adapters import adapter_for
 from ..models.loading import base_model_id, load_model
-from ..save import check_output_folder, redact, save_folder
+from ..save import check_output_folder, claim_output, redact, save_folder
 from . import _check_targets, make_dynamic, parse_exit_layers, save_dynamic
 
 
@@ -44,12 +44,12 @@ def run_dynamic(*, model: str, calib_data, nsamples: int, seqlen: int, seed: int
     if isinstance(exit_layers, str):
         parse_exit_layers(exit_layers, 10**9)  # the syntax now; the range once the model is known
     evaluate_sources = None if [s.lower() for s in eval_data] == ["none"] else eval_data
-    target_folder = (check_output_folder(output, overwrite) if output is not None
-                     else default_output(model, "dynamic", _tag(early_exit, token_skip, lossless,
-                                                                 max_ppl_increase, min_agreement)))
+    target_folder = check_output_folder(output if output is not None else default_output(
+        model, "dynamic", _tag(early_exit, token_skip, lossless, max_ppl_increase, min_agreement)), overwrite, model=model)
     data.check_sources(calib_data)
     if evaluate_sources is not None:
         data.check_sources(evaluate_sources)
+    claim_output(target_folder, overwrite)  # every check passed: lock the output for the whole run
 
     lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     adapter_for(lm)
