@@ -152,7 +152,7 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
             model, info = AutoModelForCausalLM.from_pretrained(
                 source, dtype=DTYPES[dtype], local_files_only=local_only, trust_remote_code=trust_remote_code,
                 use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **placement)
-    except Exception as error:  # noqa: BLE001 - transformers' reactions to a bad model, as one line
+    except Exception as error:  # transformers' reactions to a bad model, as one line
         if not is_load_error(error):
             raise
         # The whole message on one line (some, such as a missing tokenizer's, end the first line with ":").

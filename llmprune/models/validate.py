@@ -249,7 +249,7 @@ def config_object(folder: Path, config: dict):
                              f"(is this a composite model's config?); remove it")
     try:
         return config_class.from_dict(dict(config))
-    except Exception as error:  # noqa: BLE001 - the family's own checks of its values: input errors
+    except Exception as error:  # the family's own checks of its values: input errors
         if not is_load_error(error) and type(error).__name__ != "StrictDataclassClassValidationError":
             raise
         raise UsageError(f"config.json in {str(folder)!r} is not a valid {model_type!r} config: "
@@ -266,9 +266,9 @@ def expected_tensors(config, where: str = "config.json") -> tuple[dict, set[str]
     from accelerate import init_empty_weights
 
     try:
-        with init_empty_weights(include_buffers=True), _quiet_transformers():
+        with init_empty_weights(include_buffers=True):
             model = causal_lm_class(config)(config)
-    except Exception as error:  # noqa: BLE001 - the family's code rejecting the config's values
+    except Exception as error:  # the family's code rejecting the config's values
         if not is_load_error(error):
             raise
         raise UsageError(f"{where}: no {config.model_type!r} model can be built from it: "
@@ -305,7 +305,7 @@ def refuse_incomplete(name: str, missing, unexpected, mismatched) -> None:
         return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
     if mismatched:
-        key, stored, wanted = sorted(mismatched)[0]
+        key, stored, wanted = min(mismatched)
         more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
         raise UsageError(f"model {name!r}: weight {key} has shape {list(stored)} but config.json describes "
                          f"{list(wanted)}{more}; the config does not belong to these weights")
@@ -328,24 +328,22 @@ def check_loading_info(name: str, info: dict, model) -> None:
     refuse_incomplete(name, missing, unexpected, mismatched)
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
 @contextmanager
 def quiet_load_report():
-    """Silence transformers' multi-line LOAD REPORT: its findings are reported in one line instead."""
-    with _quiet_transformers():
-        yield
-
-
-@contextmanager
-def _quiet_transformers():
-    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    """Drop transformers' multi-line LOAD REPORT (its findings are reported in one line instead).
+    A filter, not a raised level: transformers runs extra checks when that logger's level is set."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    logger.addFilter(drop)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        logger.removeFilter(drop)
 
 
 # ----------------------------------------------------------------------------- the whole folder
