@@ -21,6 +21,7 @@ import logging
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,8 +61,18 @@ def is_load_error(error: BaseException) -> bool:
 # ----------------------------------------------------------------------------- safetensors files
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
-    """The tensors of one safetensors file, {name: {"dtype", "shape", "data_offsets"}}, after checking
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are: ``file``, bytes [begin, end) of it (absolute positions)."""
+    file: Path
+    dtype: str  # safetensors name, e.g. "F32"
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file, {name: StoredTensor}, after checking
     that the file is whole and consistent: header length within the file, a JSON object, each
     entry's dtype known, shape non-negative integers, byte size = elements x dtype size, and the
     tensors covering the data area exactly, without overlap. Raises UsageError naming the file."""
@@ -105,7 +116,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     if end != data_bytes:
         raise damaged(f"the tensors end at byte {end} of the data but the file holds {data_bytes} "
                       f"({'cut short' if end > data_bytes else 'trailing bytes'})")
-    return header
+    start = 8 + length
+    return {name: StoredTensor(path, e["dtype"], tuple(e["shape"]), start + e["data_offsets"][0],
+                               start + e["data_offsets"][1]) for name, e in header.items()}
 
 
 def _tensor_span(name: str, entry, damaged) -> tuple[int, int]:
@@ -146,8 +159,8 @@ def read_json_object(path: Path, what: str) -> dict:
     return value
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, tuple[str, list[int], Path]]:
-    """Every tensor of the folder's safetensors checkpoint, {name: (dtype, shape, file)}: one
+def checkpoint_tensors(folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the folder's safetensors checkpoint, {name: StoredTensor}: one
     ``model.safetensors``, or the shards a ``model.safetensors.index.json`` names (each checked;
     every name in the index must be in the shard it names, and no name in two shards)."""
     if (folder / INDEX).is_file():
@@ -171,13 +184,13 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[str, list[int], Path]]:
         raise UsageError(f"model folder {str(folder)!r} has no model.safetensors (nor {INDEX})")
     tensors = {}
     for file in files:
-        for name, entry in read_safetensors_header(folder / file).items():
+        for name, stored in read_safetensors_header(folder / file).items():
             if name in tensors:
-                raise UsageError(f"tensor {name!r} is stored twice, in {tensors[name][2].name} and {file}")
-            tensors[name] = (entry["dtype"], entry["shape"], folder / file)
+                raise UsageError(f"tensor {name!r} is stored twice, in {tensors[name].file.name} and {file}")
+            tensors[name] = stored
     if weight_map is not None:
         for name, file in weight_map.items():
-            if name not in tensors or tensors[name][2].name != file:
+            if name not in tensors or tensors[name].file.name != file:
                 raise UsageError(f"shard index {folder / INDEX} places {name!r} in {file}, which does not hold it")
     return tensors
 
@@ -203,7 +216,7 @@ def check_config_values(config: dict, tensors: dict | None = None, where: str = 
     if tensors is not None:
         if not tensors:
             raise UsageError("the checkpoint holds no tensors")
-        largest = max((d for _, shape, _ in tensors.values() for d in shape), default=0)
+        largest = max((d for stored in tensors.values() for d in stored.shape), default=0)
         for field in SIZE_FIELDS[:-1]:  # max_position_embeddings is stored in no tensor
             value = config.get(field)
             bound = len(tensors) if field == "num_hidden_layers" else largest
@@ -284,7 +297,7 @@ def expected_tensors(config, where: str = "config.json") -> tuple[dict, set[str]
 def compare_with_config(folder: Path, config, tensors: dict) -> None:
     """Refuse a checkpoint whose tensor names or shapes differ from what ``config`` describes."""
     shapes, tied, computed, ignore = expected_tensors(config, str(folder / "config.json"))
-    stored = {name: tuple(shape) for name, (_, shape, _) in tensors.items()}
+    stored = {name: t.shape for name, t in tensors.items()}
     prefix = getattr(type(config), "base_model_prefix", None) or "model"
     if not any(n.startswith(prefix + ".") for n in stored) and any(n.startswith(prefix + ".") for n in shapes):
         stored = {f"{prefix}.{n}": s for n, s in stored.items()}  # saved from the base model: no prefix
