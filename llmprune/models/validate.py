@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
 
 from ..errors import UsageError
 
@@ -45,7 +46,7 @@ TEXT_PARTS = ("text_config", "decoder", "generator", "text_encoder")
 # What loading may raise on bad input: reported as one line. MemoryError and CUDA's out-of-memory
 # are not input errors and are left alone.
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, ImportError, RuntimeError,
-               AssertionError, NotImplementedError, RecursionError)
+               AssertionError, NotImplementedError, RecursionError, StrictDataclassError)
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:
@@ -126,8 +127,8 @@ def _tensor_span(name: str, entry, damaged) -> tuple[int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise damaged(f"tensor {name!r} is not described by exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BITS:
-        raise damaged(f"tensor {name!r} has an unknown dtype {str(dtype)[:40]!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise damaged(f"tensor {name!r} has an unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise damaged(f"tensor {name!r} has a shape that is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
@@ -230,6 +231,12 @@ def check_config_values(config: dict, tensors: dict | None = None, where: str = 
     if heads and hidden and config.get("head_dim") is None and hidden % heads:
         raise UsageError(f"{where}: num_attention_heads ({heads}) does not divide hidden_size ({hidden}) "
                          f"and no head_dim is given")
+    for field in ("dtype", "torch_dtype"):
+        value = config.get(field)
+        if value is not None and not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)
+                                      and getattr(torch, value).is_floating_point):
+            raise UsageError(f"{where}: {field} must name a floating-point dtype such as \"float32\", "
+                             f"got {_short(value)}")
     quantization = config.get("quantization_config")
     if quantization is not None and not (isinstance(quantization, dict)
                                          and isinstance(quantization.get("quant_method"), str)):
@@ -263,7 +270,7 @@ def config_object(folder: Path, config: dict):
     try:
         return config_class.from_dict(dict(config))
     except Exception as error:  # the family's own checks of its values: input errors
-        if not is_load_error(error) and type(error).__name__ != "StrictDataclassClassValidationError":
+        if not is_load_error(error):
             raise
         raise UsageError(f"config.json in {str(folder)!r} is not a valid {model_type!r} config: "
                          f"{one_line(error, 200)}") from None
