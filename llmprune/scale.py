@@ -14,7 +14,7 @@ import torch
 from . import __version__, data, distributed
 from .errors import UsageError
 from .memory import PeakRSS, allocate_large_blocks_with_mmap, estimate_peak, refuse_unless_fits, release_free_heap
-from .models.loading import DTYPES, base_model_id, resolve_model
+from .models.loading import DTYPES, base_model_id, checked_source, resolve_model
 from .placement import parse_device_map, parse_max_memory, size_in_bytes
 
 
@@ -58,8 +58,9 @@ def check_memory(model: str, *, dtype: str, mode: str, nsamples: int, seqlen: in
 
     if dtype not in DTYPES:  # the same refusal load_model makes
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source = checked_source(model)  # a damaged folder or impossible config values: refused here, in one line
     try:
-        config = AutoConfig.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception:  # not found, offline, remote code: load_model reports it properly
         return None
     from .models.adapters import ADAPTERS

