@@ -33,7 +33,8 @@ class Option:
     help: str
     minimum: float | None = None
     maximum: float | None = None
-    exclusive: bool = False
+    exclusive: bool = False      # both bounds open
+    exclusive_max: bool = False  # only the upper bound open: [minimum, maximum)
     choices: tuple = ()
     metavar: str | None = None
     aliases: tuple = ()  # further (hidden) flags with the same meaning, e.g. an old name
@@ -48,14 +49,15 @@ class Option:
         if self.choices:
             return "one of " + ", ".join(map(str, self.choices))
         low = None if self.minimum is None else ("(" if self.exclusive else "[") + f"{self.minimum:g}"
-        high = None if self.maximum is None else f"{self.maximum:g}" + (")" if self.exclusive else "]")
-        word = _KIND_WORDS.get(self.type, "a value")
+        open_max = self.exclusive or self.exclusive_max
+        high = None if self.maximum is None else f"{self.maximum:g}" + (")" if open_max else "]")
+        word = "a fraction" if (self.minimum, self.maximum) == (0, 1) else _KIND_WORDS.get(self.type, "a value")
         if low and high:
             return f"{word} in {low}, {high}"
         if low:
             return f"{word} {'>' if self.exclusive else '>='} {self.minimum:g}"
         if high:
-            return f"{word} {'<' if self.exclusive else '<='} {self.maximum:g}"
+            return f"{word} {'<' if open_max else '<='} {self.maximum:g}"
         return word
 
     def has_type(self, value) -> bool:
@@ -101,7 +103,8 @@ class Option:
             return False
         if self.minimum is not None and (value <= self.minimum if self.exclusive else value < self.minimum):
             return False
-        return not (self.maximum is not None and (value >= self.maximum if self.exclusive else value > self.maximum))
+        open_max = self.exclusive or self.exclusive_max
+        return not (self.maximum is not None and (value >= self.maximum if open_max else value > self.maximum))
 
 
 def find(options, name: str) -> Option:

@@ -14,8 +14,10 @@ class Structured(Stage):
     order = 10
     measures_speed = True  # removal is what makes a model faster: show it (--no-speed skips it)
     options = (
-        Option("heads", float, 0.0, "fraction of attention heads to remove", minimum=0, maximum=1, exclusive=True),
-        Option("ffn", float, 0.0, "fraction of FFN neurons to remove", minimum=0, maximum=1, exclusive=True),
+        Option("heads", float, 0.0, "fraction of attention heads to remove", minimum=0, maximum=1,
+               exclusive_max=True),
+        Option("ffn", float, 0.0, "fraction of FFN neurons to remove", minimum=0, maximum=1,
+               exclusive_max=True),
         Option("layers", int, 0, "number of whole decoder layers to remove", minimum=0),
         Option("score", str, "flap", "magnitude | wanda | flap (default flap: the only score with which "
                "removing heads keeps the model usable)", choices=("magnitude", "wanda", "flap")),
