@@ -19,7 +19,8 @@ def build(spec, loaded, results: list, measured: dict, memory: dict, estimate) -
     from . import __version__
     from .evaluate import count_parameters, weight_bytes
 
-    after_key = "dynamic" if all(s.kind == "dynamic" for s in spec.stages) else "pruned"
+    # A run whose only stage is dynamic calls the after measurement "dynamic" (as it always has).
+    after_key = "dynamic" if spec.recipe is None and all(s.kind == "dynamic" for s in spec.stages) else "pruned"
     perplexity = {k: measured[w]["perplexity"] for k, w in (("dense", "dense"), (after_key, "after"))
                   if measured[w].get("perplexity") is not None}
     speed = {k: measured[w]["speed"] for k, w in (("dense", "dense"), (after_key, "after"))
