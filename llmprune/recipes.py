@@ -152,10 +152,15 @@ def merge(fields: dict, stages: list[dict], flags: dict, where: str) -> tuple[di
 
 
 def _guard(where: str, key: str, check):
+    """check(), its UsageError named by the file and the key (a stage's key when the message
+    starts with that option's flag, e.g. stages[0].sparsity)."""
     try:
         return check()
     except UsageError as error:
-        raise RecipeError(f"recipe {where}: {key}: {error}") from None
+        text = str(error)
+        if key.startswith("stages[") and text.startswith("--"):
+            key += "." + text[2:].split()[0].replace("-", "_")
+        raise RecipeError(f"recipe {where}: {key}: {text}") from None
 
 
 def spec_from_recipe(flags: dict, command: str):
