@@ -9,8 +9,6 @@ The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
-import inspect
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,7 +19,8 @@ from torch import nn
 from .calibrate import prune_layerwise
 from .checkpoint import LayerCheckpoint, run_fingerprint
 from .errors import UsageError
-from .methods import METHODS, NMPattern, make_method, parse_pattern
+from .methods import METHODS, NMPattern, make_method, method_options, parse_pattern
+from .methods.masks import check_sparsity
 from .models.adapters import adapter_for
 
 
@@ -43,20 +42,6 @@ class PruneReport:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def check_sparsity(sparsity, pattern: NMPattern | None, explicit: bool = True) -> float:
-    """Validate the fraction removed; with an N:M pattern it must equal N/M when given."""
-    try:
-        value = float(sparsity)
-    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of several values
-        raise UsageError(f"--sparsity must be a number in [0, 1), got {sparsity!r}") from None
-    if not 0.0 <= value < 1.0:  # also refuses NaN
-        raise UsageError(f"--sparsity must be in [0, 1), got {sparsity!r}")
-    if pattern is not None and explicit and abs(value - pattern.sparsity) > 1e-9:
-        raise UsageError(f"--sparsity {value} disagrees with --pattern {pattern} "
-                         f"(which removes {pattern.sparsity:g}); omit --sparsity or make them agree")
-    return pattern.sparsity if pattern is not None else value
 
 
 def check_device(device) -> torch.device:
@@ -100,18 +85,14 @@ def check_calibration(model: nn.Module, calibration, what: str) -> None:
 
 
 def _check_method_options(method: str, options: dict) -> None:
-    """Only the options the method takes (sparsegpt: blocksize, percdamp), with usable values."""
-    accepted = list(inspect.signature(METHODS[method]).parameters)
-    unknown = sorted(set(options) - set(accepted))
+    """Only the options the method declares, each checked by its declaration."""
+    declared = {option.name: option for option in method_options(method)}
+    unknown = sorted(set(options) - set(declared))
     if unknown:
         raise UsageError(f"method {method} takes no option {', '.join(map(repr, unknown))}"
-                         + (f"; its options: {', '.join(accepted)}" if accepted else ""))
-    blocksize = options.get("blocksize", 1)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise UsageError(f"--blocksize must be a positive integer, got {blocksize!r}")
-    percdamp = options.get("percdamp", 0.01)
-    if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real) or not 0 < percdamp < 10:
-        raise UsageError(f"--percdamp must be a number in (0, 10), got {percdamp!r}")
+                         + (f"; its options: {', '.join(declared)}" if declared else ""))
+    for name, value in options.items():
+        declared[name].check(value)
 
 
 def check_pattern_fits(model: nn.Module, pattern: NMPattern | None) -> None:

@@ -42,6 +42,12 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=1024)
     p.add_argument("--eval-tokens", type=int, default=16384, help="0 = all")
     p.add_argument("--batch-size", type=int, default=1)
+    from .methods import METHODS, method_options
+    from .options import add_arguments
+
+    seen = set()
+    for name in METHODS:  # each method's own options, passed to the runs of that method
+        add_arguments(p, method_options(name), seen)
     p.add_argument("--output", default=None, help="folder for the table, JSON and plot (default sweeps/<model>)")
     p.add_argument("--overwrite", action="store_true")
     _common(p)
@@ -60,13 +66,18 @@ def run_sweep_command(argv: list[str]) -> int:
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
     runs = plan_runs(split(args.methods), parse_sparsities(args.sparsities), split(args.patterns),
                      split(args.schedules) or ["uniform"])
+    from .methods import METHODS, method_options
+    from .options import check_values
+
+    given = vars(args)
+    options = {name: check_values(method_options(name), given) for name in METHODS}
     output = args.output or default_output(args.model)
     results = run_sweep(args.model, runs, output=output, calib_data=args.calib_data, eval_data=args.eval_data,
                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_seqlen=args.eval_seqlen,
                         eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype,
                         batch_size=args.batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                         overwrite=args.overwrite, progress=not args.no_progress,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, method_options=options)
     print("\nllmprune sweep\n" + format_summary(results))
     print(f"wrote {output}/sweep.md, sweep.json, sweep.png")
     return 0
@@ -77,10 +88,12 @@ def eval_parser() -> argparse.ArgumentParser:
                 description="Measure a model or an llmprune output folder: perplexity with the declared "
                             "protocol, optionally speed and lm-evaluation-harness tasks.")
     p.add_argument("model", metavar="MODEL_OR_FOLDER", help="Hub id, local folder, or built-in alias llama")
-    p.add_argument("--data", nargs="+", default=["default"], metavar="SOURCE",
-                   help='perplexity data sources (as --eval-data of the pruning command), or "none"')
-    p.add_argument("--seqlen", type=int, default=1024, help="tokens per perplexity window (default 1024)")
-    p.add_argument("--tokens", type=int, default=16384, help="at most this many tokens (default 16384; 0 = all)")
+    p.add_argument("--eval-data", "--data", dest="data", nargs="+", default=["default"], metavar="SOURCE",
+                   help='perplexity data sources, or "none"')
+    p.add_argument("--eval-seqlen", "--seqlen", dest="seqlen", type=int, default=1024,
+                   help="tokens per perplexity window (default 1024)")
+    p.add_argument("--eval-tokens", "--tokens", dest="tokens", type=int, default=16384,
+                   help="at most this many tokens (default 16384; 0 = all)")
     p.add_argument("--speed", action="store_true", help="measure prefill and decode tokens/s")
     p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
     p.add_argument("--limit", type=float, default=None, help="lm_eval: examples per task (or fraction if < 1)")
@@ -98,11 +111,11 @@ def run_eval_command(argv: list[str]) -> int:
 
     args = eval_parser().parse_args(argv)
     if args.seqlen < 2 or args.tokens < 0:
-        raise UsageError("--seqlen must be >= 2 and --tokens >= 0")
+        raise UsageError("--eval-seqlen must be >= 2 and --eval-tokens >= 0")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     sources = None if [s.lower() for s in args.data] == ["none"] else args.data
     if sources is None and not tasks and not args.speed:
-        raise UsageError("nothing to measure: --data none without --speed or --tasks")
+        raise UsageError("nothing to measure: --eval-data none without --speed or --tasks")
     from . import data
     from .api import check_device
     from .evaluate import count_parameters, measure_speed, perplexity, tokenizer_adds_bos, weight_bytes
@@ -112,7 +125,9 @@ def run_eval_command(argv: list[str]) -> int:
     if tasks and not lm_eval_available():  # before loading anything
         raise UsageError(f"--tasks needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
     compute = check_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if compute.type == "cuda" else "float32")
+    from .job import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, compute)
     if sources is not None:
         data.check_sources(sources)
     if args.no_progress:
@@ -126,13 +141,13 @@ def run_eval_command(argv: list[str]) -> int:
     rows = [("model", args.model), ("parameters", f"{results['parameters']['nonzero']:,} nonzero of "
                                                    f"{results['parameters']['parameters']:,}")]
     if sources is not None:
-        ids = data.evaluation_ids(tokenizer, sources, args.tokens or None, args.seqlen, flag="--seqlen")
+        ids = data.evaluation_ids(tokenizer, sources, args.tokens or None, args.seqlen, flag="--eval-seqlen")
         bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
         ppl = perplexity(model, ids, args.seqlen, bos, compute, not args.no_progress).as_dict()
         results["perplexity"] = {**ppl, "data": list(sources)}
         rows.append(("perplexity", f"{ppl['perplexity']:.3f}  [{ppl['protocol']}]"))
     if args.speed:
-        results["speed"] = measure_speed(model, compute)
+        results["speed"] = measure_speed(model, compute, progress=not args.no_progress)
         rows.append(("speed", f"prefill {results['speed']['prefill_tokens_per_s']:.0f} tokens/s, decode "
                               f"{results['speed']['decode_tokens_per_s']:.1f} tokens/s"))
     if tasks:
@@ -149,9 +164,9 @@ def run_eval_command(argv: list[str]) -> int:
         from pathlib import Path
 
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    from .cli import _summary
+    from .report import format_rows
 
-    print("\nllmprune eval\n" + _summary(rows), flush=True)
+    print("\nllmprune eval\n" + format_rows(rows), flush=True)
     return 0
 
 

@@ -92,10 +92,11 @@ def count_parameters(model: nn.Module) -> dict:
 
 @torch.no_grad()
 def measure_speed(model: nn.Module, device: torch.device | str | None = None, prompt_tokens: int = 512,
-                  new_tokens: int = 64, repeats: int = 3) -> dict:
+                  new_tokens: int = 64, repeats: int = 3, progress: bool = False) -> dict:
     """Prefill tokens/s (one ``prompt_tokens`` prompt) and decode tokens/s (``new_tokens`` greedy
     tokens with the KV cache, through ``generate``), best of ``repeats`` after one warm-up, at the
-    current thread count. Decode time = time(prompt + 1 + new_tokens) - time(prompt + 1)."""
+    current thread count. Decode time = time(prompt + 1 + new_tokens) - time(prompt + 1).
+    progress: a bar over the rounds (the measurement takes minutes on a big model)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens),
                            generator=torch.Generator().manual_seed(0)).to(device)
@@ -111,7 +112,7 @@ def measure_speed(model: nn.Module, device: torch.device | str | None = None, pr
         return time.perf_counter() - started
 
     prefill, decode = [], []
-    for attempt in range(repeats + 1):
+    for attempt in tqdm(range(repeats + 1), desc="speed", disable=not progress, leave=False):
         first = timed(1)
         full = timed(1 + new_tokens)
         if attempt:  # the first round warms up

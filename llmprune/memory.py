@@ -4,12 +4,10 @@ the estimate of a run's peak made before loading anything (``estimate_peak``).""
 from __future__ import annotations
 
 import functools
-
 import threading
 from dataclasses import dataclass
 
 import psutil
-import torch
 
 
 class PeakRSS:
@@ -43,9 +41,6 @@ class PeakRSS:
 
 
 # --- the estimate made before loading -------------------------------------------------------------
-
-MODES = ("memory", "offload", "stream")
-
 
 @dataclass
 class MemoryEstimate:
@@ -82,6 +77,7 @@ def _gib(n: int) -> str:
 def model_sizes(config) -> dict[str, int]:
     """Parameter counts from a config alone (a skeleton on the meta device, no weights read):
     total (tied weights once), embeddings, one decoder layer (the largest), layers."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -96,7 +92,7 @@ def model_sizes(config) -> dict[str, int]:
 
 def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: int = 0, seqlen: int = 0,
                   batch_size: int = 1, method: str = "wanda", processes: int = 1, cpu_weight_budget: int | None = None,
-                  activations_on_disk: bool = False, compute: torch.device = torch.device("cpu"),
+                  activations_on_disk: bool = False, compute=None,
                   sizes: dict | None = None) -> MemoryEstimate:
     """Peak memory of a pruning run, before anything is loaded.
 
@@ -107,8 +103,13 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     process's share, overwritten layer by layer), plus one batch's intermediate tensors inside a
     layer. statistics: per input group, a float32 vector (Wanda), a float64 [in, in] Hessian
     (SparseGPT, all four groups of a layer at once, plus the solve's inverse and float32 weights),
-    or float64 channel sums of every layer (structured).
+    or float64 channel sums of every layer (structured). ``method`` is a method name (its class
+    says which statistics it keeps), "structured", or one of those statistics kinds.
     """
+    import torch
+
+    compute = torch.device("cpu") if compute is None else compute
+    statistics_kind = _statistics_kind(method)
     sizes = sizes or model_sizes(config)
     hidden = config.hidden_size
     inter = getattr(config, "intermediate_size", 4 * hidden)
@@ -133,15 +134,15 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     # not materialise them.
     working = batch_size * seqlen * (4 * heads * head_dim + 3 * inter) * max(dtype_bytes, 4) if nsamples else 0
     groups_in = [hidden, heads * head_dim, hidden, inter]
-    if method == "sparsegpt":
+    if statistics_kind == "hessian":
         largest_rows = max((heads + 2 * kv) * head_dim, hidden, 2 * inter)
         # float64 Hessians of the four groups; the largest solve's float64 factor, inverse and its
         # factor, the float32 copy of that; float32 weights, their update and the mask.
         statistics = sum(n * n * 8 for n in groups_in) + 3 * inter * inter * 8 + inter * inter * 4 + \
             3 * largest_rows * inter * 4
-    elif method == "structured":
+    elif statistics_kind == "structured":
         statistics = sizes["layers"] * (2 * hidden + heads * head_dim + inter) * 8 * 2
-    elif method == "magnitude":
+    elif statistics_kind == "none":
         statistics = 2 * sizes["layer"] * 4 // 4  # one float32 matrix and its scores
     else:
         statistics = sum(groups_in) * 4 * max(1, share if processes > 1 else 1) + 2 * inter * hidden * 4
@@ -159,6 +160,15 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     parts = {"weights": weights, "activations": activations, "layer working memory": working,
              "statistics": statistics, "calibration token ids": token_ids}
     return MemoryEstimate(parts, {}, host_available, None)
+
+
+def _statistics_kind(method: str) -> str:
+    """"hessian", "norms", "none" or "structured": what a run's statistics hold."""
+    if method in ("hessian", "norms", "none", "structured"):
+        return method
+    from .methods import METHODS
+
+    return getattr(METHODS.get(method), "statistics", "norms")
 
 
 def refuse_unless_fits(estimate: MemoryEstimate, mode: str, force: bool) -> None:

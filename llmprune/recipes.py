@@ -2,14 +2,15 @@
 
     python -m llmprune --recipe recipes/wanda-50.yaml [flags that override recipe fields]
 
-A recipe's top-level keys are the pruning command's flags under their argparse names (``model``,
-``calib_data``, ``nsamples``, ``eval_data``, ``output``, ``device``, ...; any flag that a newer
-version adds is a field too), plus ``name``, ``description`` and ``stages``: an ordered list of
-stages, each a mapping with ``method`` and that method's options:
+A recipe's top-level keys are the run's options under their keyword names (``model``,
+``calib_data``, ``nsamples``, ``eval_data``, ``output``, ``device``, ``device_map``,
+``checkpoint_dir``, ...: ``llmprune.job.RUN_OPTIONS``), plus ``name``, ``description`` and
+``stages``: an ordered list of stages, each a mapping with ``method`` and that stage's options
+(declared by the stage and its method, llmprune.stages):
 
     stages:
       - {method: structured, ffn: 0.25, score: wanda}            # structured: heads/ffn/layers...
-      - {method: wanda, sparsity: 0.5, schedule: owl}            # unstructured: magnitude/wanda/sparsegpt
+      - {method: wanda, sparsity: 0.5, schedule: owl}            # unstructured: magnitude/wanda/sparsegpt/...
       - {method: dynamic, early_exit: true}                      # dynamic (llmprune.dynamic)
 
 Stages run in the order structured -> unstructured -> dynamic, at most one of each. The schema is
@@ -20,175 +21,116 @@ unstructured stage's sparsity, ``--method sparsegpt`` the unstructured stage's m
 
 from __future__ import annotations
 
-import argparse
-import copy
-import numbers
 from pathlib import Path
 
 from .errors import UsageError
+from .options import _KIND_WORDS
 
-KINDS = ("structured", "unstructured", "dynamic")
-UNSTRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt")
-STAGE_OPTIONS = {
-    "unstructured": ("sparsity", "pattern", "schedule", "owl_m", "owl_lambda", "blocksize", "percdamp"),
-    "structured": ("heads", "ffn", "layers", "score", "allocation", "gqa", "round_to", "round_heads_to"),
-    "dynamic": ("early_exit", "token_skip", "max_ppl_increase", "min_agreement", "exit_layers", "lossless"),
-}
-# Options of the dynamic stage (issue 4's flags) and their types, for when its flags are not in this build.
-DYNAMIC_TYPES = {"early_exit": bool, "token_skip": bool, "max_ppl_increase": float, "min_agreement": float,
-                 "exit_layers": "int_list", "lossless": bool}
-NOT_IN_RECIPES = ("recipe", "method", "checkpoint_dir")  # method lives in stages; resuming is per command
 METADATA = ("name", "description")
-
-
-def stage_kind(method) -> str | None:
-    if method == "structured":
-        return "structured"
-    if method == "dynamic":
-        return "dynamic"
-    if method in UNSTRUCTURED_METHODS:
-        return "unstructured"
-    return None
-
-
-def _field_types(parser: argparse.ArgumentParser) -> dict:
-    """dest -> expected kind: bool, int, float, str, "str_list", "number" (sparsity), "schedule"."""
-    kinds = {}
-    for action in parser._actions:
-        if action.dest in ("help",):
-            continue
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            kinds[action.dest] = bool
-        elif action.nargs in ("+", "*"):
-            kinds[action.dest] = "str_list"
-        elif action.type in (int, float):
-            kinds[action.dest] = action.type
-        else:
-            kinds[action.dest] = str
-    kinds.update(sparsity="number", schedule="schedule", heads=float, ffn=float, exit_layers="int_list")
-    for name, kind in DYNAMIC_TYPES.items():
-        kinds.setdefault(name, kind)
-    return kinds
-
-
-def _check_type(value, kind) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind in (float, "number"):
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if kind is str:
-        return isinstance(value, str) or (value is None)
-    if kind == "str_list":
-        return (isinstance(value, list) and value and all(isinstance(v, str) for v in value)) or isinstance(value, str)
-    if kind == "schedule":
-        return isinstance(value, str) or (isinstance(value, list) and all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value))
-    if kind == "int_list":
-        return isinstance(value, str) or (isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value))
-    return True
-
-
-_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", "number": "a number",
-               str: "a string", "str_list": "a list of strings", "schedule": "uniform, owl or a list of numbers",
-               "int_list": "a list of integers"}
 
 
 class RecipeError(UsageError):
     pass
 
 
-def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> tuple[dict, list[dict], str]:
-    """Read and check a recipe: (top-level fields, stages, the file's text). Types and names only;
-    ``check_values`` checks ranges once flags are merged."""
+def _read(path) -> dict:
     import yaml
 
-    where = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"recipe {where}: cannot read it: {getattr(error, 'strerror', None) or error}") from None
+        raise RecipeError(f"recipe {path}: cannot read it: {getattr(error, 'strerror', None) or error}") from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise RecipeError(f"recipe {where}: not valid YAML{line}: {getattr(error, 'problem', None) or error}") from None
+        raise RecipeError(f"recipe {path}: not valid YAML{line}: {getattr(error, 'problem', None) or error}") from None
     if not isinstance(document, dict):
-        raise RecipeError(f"recipe {where}: expected a mapping of fields at the top, got {type(document).__name__}")
-    kinds = _field_types(parser)
-    stage_keys = {key for keys in STAGE_OPTIONS.values() for key in keys}
-    top_keys = set(kinds) - stage_keys - set(NOT_IN_RECIPES)
+        raise RecipeError(f"recipe {path}: expected a mapping of fields at the top, got {type(document).__name__}")
+    return document
+
+
+def _top_fields(document: dict, where: str) -> dict:
+    from .cli import stage_options
+    from .job import RUN_OPTIONS
+
+    known = {o.name: o for o in RUN_OPTIONS if o.in_recipes}
+    stage_keys = {o.name for options in stage_options().values() for o in options}
     fields = {}
     for key, value in document.items():
         if key == "stages" or key in METADATA:
             continue
-        if not isinstance(key, str) or key not in top_keys:
-            hint = (" (it belongs in a stage)" if key in stage_keys or key == "method"
-                    else " (not allowed in recipes)" if key in NOT_IN_RECIPES else "")
+        if not isinstance(key, str) or key not in known:
+            hint = " (it belongs in a stage)" if key in stage_keys or key == "method" else ""
             raise RecipeError(f"recipe {where}: unknown key {key!r}{hint}; known: "
-                              f"{', '.join(sorted(top_keys | {'stages', *METADATA}))}")
-        if not _check_type(value, kinds[key]):
-            raise RecipeError(f"recipe {where}: {key}: expected {_KIND_WORDS[kinds[key]]}, got {value!r}")
-        fields[key] = [value] if kinds[key] == "str_list" and isinstance(value, str) else value
+                              f"{', '.join(sorted({*known, 'stages', *METADATA}))}")
+        if not known[key].has_type(value):
+            raise RecipeError(f"recipe {where}: {key}: expected {_KIND_WORDS[known[key].type]}, got {value!r}")
+        fields[key] = value
     for key in METADATA:
         if key in document and not isinstance(document[key], str):
             raise RecipeError(f"recipe {where}: {key}: expected a string, got {document[key]!r}")
+    return fields
+
+
+def _stage_entries(document: dict, where: str) -> list[dict]:
+    """The stages as written: names and types checked, kinds in order."""
+    from .methods import method_options
+    from .stages import STAGES, all_methods, stage_class
+
     stages = document.get("stages")
     if not isinstance(stages, list) or not stages:
         raise RecipeError(f"recipe {where}: stages: expected a non-empty list of stages, got {stages!r}")
-    checked, seen = [], []
+    seen = []
     for i, stage in enumerate(stages):
         label = f"stages[{i}]"
         if not isinstance(stage, dict):
             raise RecipeError(f"recipe {where}: {label}: expected a mapping with 'method', got {stage!r}")
-        kind = stage_kind(stage.get("method"))
-        if kind is None:
-            raise RecipeError(f"recipe {where}: {label}.method: expected one of "
-                              f"{', '.join([*UNSTRUCTURED_METHODS, 'structured', 'dynamic'])}, got {stage.get('method')!r}")
+        cls = stage_class(stage.get("method"))
+        if cls is None:
+            raise RecipeError(f"recipe {where}: {label}.method: expected one of {', '.join(all_methods())}, "
+                              f"got {stage.get('method')!r}")
+        options = {o.name: o for o in cls.all_options()}
+        own = {o.name for o in cls.options} | ({o.name for o in method_options(stage["method"])}
+                                               if cls.kind == "unstructured" else set())
         for key, value in stage.items():
             if key == "method":
                 continue
-            if key not in STAGE_OPTIONS[kind]:
-                raise RecipeError(f"recipe {where}: {label}.{key}: unknown key for a {kind} stage; known: "
-                                  f"{', '.join(STAGE_OPTIONS[kind])}")
-            if not _check_type(value, kinds.get(key)):
-                raise RecipeError(f"recipe {where}: {label}.{key}: expected {_KIND_WORDS[kinds[key]]}, got {value!r}")
-        if kind in seen:
-            raise RecipeError(f"recipe {where}: {label}: a second {kind} stage (at most one of each)")
-        if seen and KINDS.index(kind) < KINDS.index(seen[-1]):
-            raise RecipeError(f"recipe {where}: {label}: a {kind} stage after a {seen[-1]} stage; the order is "
-                              f"structured -> unstructured -> dynamic")
-        seen.append(kind)
-        checked.append(dict(stage))
-    return fields, checked, text
-
-
-def explicit_flags(argv: list[str], parser: argparse.ArgumentParser) -> dict:
-    """Only the flags given on the command line, by dest name (nothing filled in from defaults)."""
-    quiet = copy.deepcopy(parser)
-    for action in quiet._actions:
-        if action.dest != "help":
-            action.default = argparse.SUPPRESS
-            action.required = False
-    return vars(quiet.parse_args(argv))
+            if key not in options:
+                raise RecipeError(f"recipe {where}: {label}.{key}: unknown key for a {cls.kind} stage; known: "
+                                  f"{', '.join(options)}")
+            if key not in own:
+                owners = [m for m in cls.methods() if key in {o.name for o in method_options(m)}]
+                raise RecipeError(f"recipe {where}: {label}: {key} is an option of {', '.join(owners)}")
+            if not options[key].has_type(value):
+                raise RecipeError(f"recipe {where}: {label}.{key}: expected "
+                                  f"{_KIND_WORDS[options[key].type]}, got {value!r}")
+        kinds = list(STAGES)
+        if cls.kind in seen:
+            raise RecipeError(f"recipe {where}: {label}: a second {cls.kind} stage (at most one of each)")
+        if seen and kinds.index(cls.kind) < kinds.index(seen[-1]):
+            raise RecipeError(f"recipe {where}: {label}: a {cls.kind} stage after a {seen[-1]} stage; the order is "
+                              + " -> ".join(kinds))
+        seen.append(cls.kind)
+    return [dict(stage) for stage in stages]
 
 
 def merge(fields: dict, stages: list[dict], flags: dict, where: str) -> tuple[dict, list[dict], dict]:
     """Command-line flags over recipe fields. Returns (fields, stages, the overrides applied)."""
+    from .cli import stage_options
+    from .stages import stage_class
+
     fields, stages = dict(fields), [dict(s) for s in stages]
+    stage_keys = {o.name: kind for kind, options in stage_options().items() for o in options}
+    kind_of = lambda method: getattr(stage_class(method), "kind", None)  # noqa: E731
     overrides = {}
-    stage_keys = {key: kind for kind, keys in STAGE_OPTIONS.items() for key in keys}
     for key, value in flags.items():
-        if key in ("recipe",):
+        if key == "recipe":
             continue
-        if key == "checkpoint_dir":
-            raise RecipeError("--checkpoint-dir cannot be used with --recipe (resume a single-method command instead)")
         if key == "method":
-            kind = stage_kind(value)
-            targets = [s for s in stages if stage_kind(s["method"]) == kind]
+            kind = kind_of(value)
+            targets = [s for s in stages if kind_of(s["method"]) == kind]
             if kind is None or len(targets) != 1:
                 raise RecipeError(f"--method {value}: the recipe {where} has no {kind or 'matching'} stage to change")
             targets[0]["method"] = value
@@ -198,7 +140,7 @@ def merge(fields: dict, stages: list[dict], flags: dict, where: str) -> tuple[di
                     value = float(value)
                 except ValueError:
                     raise RecipeError(f"--sparsity must be a number in [0, 1), got {value!r}") from None
-            targets = [s for s in stages if stage_kind(s["method"]) == stage_keys[key]]
+            targets = [s for s in stages if kind_of(s["method"]) == stage_keys[key]]
             if not targets:
                 raise RecipeError(f"--{key.replace('_', '-')}: the recipe {where} has no {stage_keys[key]} stage")
             for stage in targets:
@@ -209,55 +151,48 @@ def merge(fields: dict, stages: list[dict], flags: dict, where: str) -> tuple[di
     return fields, stages, overrides
 
 
-def check_values(fields: dict, stages: list[dict], where: str) -> None:
-    """Range and name checks of every value, before any work; errors name the file and the key."""
-    from .api import check_device, check_sparsity
-    from .methods import parse_pattern
-    from .schedules import check_owl_options, parse_schedule
-    from .structured import check_structured_options
+def _guard(where: str, key: str, check):
+    """check(), its UsageError named by the file and the key (a stage's key when the message
+    starts with that option's flag, e.g. stages[0].sparsity)."""
+    try:
+        return check()
+    except UsageError as error:
+        text = str(error)
+        if key.startswith("stages[") and text.startswith("--"):
+            key += "." + text[2:].split()[0].replace("-", "_")
+        raise RecipeError(f"recipe {where}: {key}: {text}") from None
 
-    def guard(key, check):
-        try:
-            check()
-        except UsageError as error:
-            raise RecipeError(f"recipe {where}: {key}: {error}") from None
 
+def spec_from_recipe(flags: dict, command: str):
+    """``--recipe FILE [flags]`` -> a checked RunSpec with one stage per recipe stage."""
+    from . import __version__
+    from .job import RUN_OPTIONS, RunSpec
+    from .options import check_values
+    from .stages import stage_for
+
+    where = str(flags["recipe"])
+    document = _read(where)
+    fields = _top_fields(document, where)
+    stages = _stage_entries(document, where)
+    fields, stages, overrides = merge(fields, stages, flags, where)
     if "model" not in fields:
         raise RecipeError(f"recipe {where}: model: missing (give it in the recipe or with --model)")
-    for key in ("nsamples", "seqlen", "eval_seqlen", "batch_size"):
-        if key in fields and fields[key] < (2 if "seqlen" in key else 1):
-            raise RecipeError(f"recipe {where}: {key}: too small: {fields[key]}")
-    if fields.get("eval_tokens", 0) < 0:
-        raise RecipeError(f"recipe {where}: eval_tokens: must be >= 0, got {fields['eval_tokens']}")
+    for option in RUN_OPTIONS:
+        if option.name in fields:
+            _guard(where, option.name, lambda: option.check(fields[option.name]))
     if "device" in fields:
-        guard("device", lambda: check_device(fields["device"]))
-    if fields.get("dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
-        raise RecipeError(f"recipe {where}: dtype: expected auto, float32, bfloat16 or float16, got {fields['dtype']!r}")
-    for i, stage in enumerate(stages):
-        label = f"stages[{i}]"
-        kind = stage_kind(stage["method"])
-        if kind == "unstructured":
-            nm = None
-            guard(f"{label}.pattern", lambda: parse_pattern(stage.get("pattern", "unstructured")))
-            nm = parse_pattern(stage.get("pattern", "unstructured"))
-            if "sparsity" in stage or nm is None:
-                guard(f"{label}.sparsity", lambda: check_sparsity(stage.get("sparsity", 0.5), nm))
-            guard(f"{label}.schedule", lambda: parse_schedule(stage.get("schedule", "uniform")))
-            if nm is not None and parse_schedule(stage.get("schedule", "uniform")) != "uniform":
-                raise RecipeError(f"recipe {where}: {label}.schedule: applies to unstructured sparsity, not to "
-                                  f"pattern {nm}")
-            guard(f"{label}.owl_m", lambda: check_owl_options(stage.get("owl_m", 5.0), stage.get("owl_lambda", 0.08)))
-            if stage["method"] != "sparsegpt" and ({"blocksize", "percdamp"} & set(stage)):
-                raise RecipeError(f"recipe {where}: {label}: blocksize/percdamp are sparsegpt options")
-            if stage.get("blocksize", 128) < 1 or not 0 < stage.get("percdamp", 0.01) < 10:
-                raise RecipeError(f"recipe {where}: {label}: blocksize must be >= 1 and percdamp in (0, 10)")
-        elif kind == "structured":
-            options = {k: v for k, v in stage.items() if k != "method"}
-            guard(label, lambda: check_structured_options(**options))
-        else:
-            for key in ("max_ppl_increase", "min_agreement"):
-                if stage.get(key) is not None and not stage[key] >= 0:
-                    raise RecipeError(f"recipe {where}: {label}.{key}: must be >= 0, got {stage[key]!r}")
+        from .api import check_device
+
+        _guard(where, "device", lambda: check_device(fields["device"]))
+    built = [_guard(where, f"stages[{i}]", lambda: stage_for(s["method"], {k: v for k, v in s.items()
+                                                                          if k != "method"}))
+             for i, s in enumerate(stages)]
+    header = f"# recipe used by llmprune {__version__}: {where}"
+    if overrides:
+        header += "\n# overridden on the command line: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    recipe = {"path": where, "name": document.get("name") or Path(where).stem, "overrides": overrides,
+              "yaml": header + "\n" + recipe_yaml(fields, stages, document.get("name"), document.get("description"))}
+    return RunSpec(check_values(RUN_OPTIONS, fields), built, command=command, recipe=recipe)
 
 
 def recipe_yaml(fields: dict, stages: list[dict], name: str | None, description: str | None) -> str:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from .calibrate import run_layerwise
 from .errors import UsageError
-from .methods.wanda import InputNorms, wanda_scores
-from .models.adapters import adapter_for
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+    from torch import nn
 
 OWL_M = 5.0  # outlier threshold: a score above M x the layer's mean score is an outlier
 OWL_LAMBDA = 0.08  # layer sparsities range over target +- lambda
@@ -74,7 +73,6 @@ def check_owl_options(m, lam) -> None:
         raise UsageError(f"--owl-lambda must be a number in [0, 1), got {lam!r}")
 
 
-@torch.no_grad()
 def owl_outlier_ratios(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device,
                        m: float = OWL_M, batch_size: int = 1, progress: bool = True) -> list[float]:
     """Per decoder layer of the (dense) model: the fraction of Wanda scores above m x their mean.
@@ -83,6 +81,17 @@ def owl_outlier_ratios(model: nn.Module, calibration_ids: torch.Tensor, device: 
     group while the calibration batches propagate through the unchanged layers. Weights are not
     modified. Memory: one [out, in] score matrix at a time (the layer mean is a running sum).
     """
+    import torch
+
+    with torch.no_grad():
+        return _owl_outlier_ratios(model, calibration_ids, device, m, batch_size, progress)
+
+
+def _owl_outlier_ratios(model, calibration_ids, device, m, batch_size, progress) -> list[float]:
+    from .calibrate import run_layerwise
+    from .methods.wanda import InputNorms, wanda_scores
+    from .models.adapters import adapter_for
+
     adapter = adapter_for(model)
     norms: list[list[InputNorms]] = []  # [layer][group], each sum_of_squares [in]
 
@@ -114,6 +123,8 @@ def owl_sparsities(outlier_ratios: list[float], target: float, lam: float = OWL_
     """Per-layer sparsities from outlier ratios: target - (rescaled ratio - its mean), where the
     ratios are rescaled linearly onto [0, 2 lambda]. They average to ``target``; the layer with the
     most outliers gets the lowest sparsity. All equal ratios give the uniform schedule."""
+    import torch
+
     ratios = torch.tensor(outlier_ratios, dtype=torch.float64)
     spread = float(ratios.max() - ratios.min())
     if spread == 0.0:
@@ -133,6 +144,8 @@ def resolve_schedule(model: nn.Module, schedule, target: float, calibration_ids:
                      outlier_ratios: list[float] | None = None) -> Schedule:
     """The per-layer sparsities of ``schedule`` for ``model`` at ``target``. outlier_ratios: OWL
     ratios already measured on this dense model with these calibration ids (a sweep reuses them)."""
+    from .models.adapters import adapter_for
+
     schedule = parse_schedule(schedule)
     layers = len(adapter_for(model).layers(model))
     if schedule == "uniform":

@@ -85,9 +85,6 @@ class CheckpointReader:
     def dtype_name(self, name: str) -> str:
         return self._stored[name].dtype
 
-    def close(self) -> None:
-        pass
-
 
 def skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The model with parameters on the meta device and real (computed) buffers."""
@@ -197,25 +194,22 @@ def prune_streaming(folder: str | Path, output_folder: Path | None, calibration:
     prefix = layers_prefix(model, adapter.layers(model))
     reader = CheckpointReader(folder)
     writer = ShardWriter(output_folder, max_shard_bytes) if output_folder is not None else None
-    try:
-        if writer is not None:
-            copy_outside_layers(reader, writer, prefix, dtype)
-        if calibration is not None:
-            check_calibration(model, calibration, f"method {method}")  # against the real vocabulary
-            calibration = load_embedding_rows(model, reader, calibration, device, dtype)
-        placement = StreamFromCheckpoint(model, reader, writer, prefix, device, dtype)
-        placement.activation_folder = activations_on_disk
-        report = prune(model, calibration, method=method, sparsity=sparsity, pattern=pattern, device=device,
-                       batch_size=batch_size, progress=progress, placement=placement, schedule=schedule,
-                       **method_options)
-        release_outside_layers(model, prefix)
-        if writer is not None:
-            writer.finish()
-            model.config.dtype = dtype
-            model.config.save_pretrained(output_folder)
-            if (Path(folder) / "generation_config.json").is_file():
-                shutil.copyfile(Path(folder) / "generation_config.json", output_folder / "generation_config.json")
-    finally:
-        reader.close()
+    if writer is not None:
+        copy_outside_layers(reader, writer, prefix, dtype)
+    if calibration is not None:
+        check_calibration(model, calibration, f"method {method}")  # against the real vocabulary
+        calibration = load_embedding_rows(model, reader, calibration, device, dtype)
+    placement = StreamFromCheckpoint(model, reader, writer, prefix, device, dtype)
+    placement.activation_folder = activations_on_disk
+    report = prune(model, calibration, method=method, sparsity=sparsity, pattern=pattern, device=device,
+                   batch_size=batch_size, progress=progress, placement=placement, schedule=schedule,
+                   **method_options)
+    release_outside_layers(model, prefix)
+    if writer is not None:
+        writer.finish()
+        model.config.dtype = dtype
+        model.config.save_pretrained(output_folder)
+        if (Path(folder) / "generation_config.json").is_file():
+            shutil.copyfile(Path(folder) / "generation_config.json", output_folder / "generation_config.json")
     distributed.barrier()
     return report, model.config

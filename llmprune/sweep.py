@@ -107,14 +107,16 @@ def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, ca
               progress: bool = True, trust_remote_code: bool = False, note: str = "",
               method_options: dict | None = None) -> dict:
     """Run every SweepRun on ``model``; write sweep.json (after every run), sweep.md and sweep.png
-    into ``output``. Returns the results dictionary."""
+    into ``output``. Returns the results dictionary. method_options: method name -> its options
+    (e.g. {"sparsegpt": {"blocksize": 64}}), given to that method's runs."""
     started = time.perf_counter()
     if not runs:
         raise UsageError("the sweep has no runs")
     folder = check_output_folder(output, overwrite, marker="sweep.json", model=model)
+    from .job import resolve_dtype
+
     compute = check_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if compute.type == "cuda" else "float32"
+    dtype = resolve_dtype(dtype, compute)
     if any(r.schedule == "owl" for r in runs):
         check_owl_options(owl_m, owl_lambda)
     data.check_sources(calib_data)
@@ -182,7 +184,7 @@ def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, ca
         if progress:
             print(f"sweep {index + 1}/{len(runs)}: {run.method} {run.label}", flush=True)
         restore()
-        options = dict(method_options or {}) if run.method == "sparsegpt" else {}
+        options = dict((method_options or {}).get(run.method) or {})
         report = prune(lm, calibration if METHODS[run.method].needs_calibration or run.schedule == "owl" else None,
                        method=run.method, sparsity=None if run.pattern != "unstructured" else run.sparsity,
                        pattern=None if run.pattern == "unstructured" else run.pattern, device=compute,

@@ -163,7 +163,7 @@ def world(tmp_path_factory, tokenizer):
     patch.chdir(cwd)
     patch.setattr("llmprune.data._hub_reachable", lambda: False)  # presets: offline, fail in milliseconds
     patch.setattr("llmprune.models.loading.hub_reachable", lambda: False)
-    patch.setattr("llmprune.cli.measure_speed", fast_speed)
+    patch.setattr("llmprune.evaluate.measure_speed", fast_speed)
     yield World(root=root, cwd=cwd, sources=sources, models=models, counter=[0])
     patch.undo()
     torch.set_num_threads(threads)

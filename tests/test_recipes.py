@@ -42,12 +42,12 @@ def test_recipes_folder_has_the_promised_recipes():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_runs_on_a_tiny_model(recipe, six_layer_folder, text_file, tmp_path, monkeypatch):
     document = yaml.safe_load(recipe.read_text())
-    import llmprune.pipeline
+    import llmprune.evaluate
 
     # Speed is measured by generating tokens (tens of seconds on a shared CPU): tested in
     # test_structured/test_evaluate; here a stand-in records that the recipe asked for it.
     timed = []
-    monkeypatch.setattr(llmprune.pipeline, "measure_speed", lambda model, device: timed.append(1) or {
+    monkeypatch.setattr(llmprune.evaluate, "measure_speed", lambda model, device, **_: timed.append(1) or {
         "prefill_tokens_per_s": 1.0, "decode_tokens_per_s": 1.0, "prompt_tokens": 1, "new_tokens": 1, "threads": 1})
     out = tmp_path / "out"
     assert main(["--recipe", str(recipe), *_small(six_layer_folder, text_file, out)]) == 0

@@ -484,11 +484,11 @@ METHODS = {"wanda": ["--method", "wanda"], "sparsegpt": ["--method", "sparsegpt"
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_same_seed_gives_byte_identical_weights(model_folder, calib_file, tmp_path, monkeypatch, method):
-    import llmprune.cli
+    import llmprune.evaluate
 
-    real_speed = llmprune.cli.measure_speed  # structured runs time the model: shortened, it changes no weight
-    monkeypatch.setattr(llmprune.cli, "measure_speed",
-                        lambda model, device=None: real_speed(model, device, prompt_tokens=8, new_tokens=2, repeats=1))
+    real_speed = llmprune.evaluate.measure_speed  # structured runs time the model: shortened, it changes no weight
+    monkeypatch.setattr(llmprune.evaluate, "measure_speed",
+                        lambda model, device=None, **_: real_speed(model, device, prompt_tokens=8, new_tokens=2, repeats=1))
     weights = {}
     for threads in (1, 2):
         for attempt in range(2):

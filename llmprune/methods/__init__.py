@@ -1,23 +1,48 @@
-"""Pruning methods by name. A method is one class with three things:
+"""Pruning methods by name. A method is one class, in its own file in this folder, with:
 
+- ``name``: what ``--method`` and recipes call it; ``order``: its place in listings and tables;
 - ``needs_calibration``: whether it reads calibration statistics;
+- ``statistics``: what its accumulators hold, for the memory estimate before loading
+  ("none", "norms": a float32 vector per input group, "hessian": a float64 [in, in] matrix);
+- ``options``: its own settings as ``llmprune.options.Option`` (e.g. SparseGPT's blocksize);
+  the flags, recipe keys, sweep pass-through and checks are derived from them;
 - ``new_statistics(in_features, device)``: an accumulator with ``add_batch(inputs)`` fed with
   the inputs of one group of linear layers that read the same tensor (or None);
 - ``prune_group(weights, statistics, sparsity, pattern, name=...)``: float32 [out_i, in]
   matrices in, pruned matrices out (pure tensor math).
 
-Adding a method is one file plus one line in METHODS.
+Adding a method is adding one file: every module here is imported and each class with a
+``prune_group`` and a ``name`` is registered. The modules import torch inside their functions,
+so that the command line can list and check the methods' options before torch is loaded.
 """
 
 from __future__ import annotations
 
-from ..errors import UsageError
-from .magnitude import Magnitude
-from .masks import NMPattern, parse_pattern
-from .sparsegpt import SparseGPT
-from .wanda import Wanda
+import importlib
+import inspect
+import pkgutil
 
-METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+from ..errors import UsageError
+from .masks import NMPattern, parse_pattern
+
+
+def _discover() -> dict:
+    found = []
+    for module_info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and hasattr(cls, "prune_group") and isinstance(
+                    getattr(cls, "name", None), str):
+                found.append(cls)
+    return {cls.name: cls for cls in sorted(found, key=lambda cls: (getattr(cls, "order", 100), cls.name))}
+
+
+METHODS = _discover()
+
+
+def method_options(name: str) -> tuple:
+    """The declared options of method ``name`` (empty when it has none)."""
+    return tuple(getattr(METHODS[name], "options", ()))
 
 
 def make_method(name: str, **options):
@@ -27,4 +52,4 @@ def make_method(name: str, **options):
     return METHODS[name](**options)
 
 
-__all__ = ["METHODS", "NMPattern", "make_method", "parse_pattern"]
+__all__ = ["METHODS", "NMPattern", "make_method", "method_options", "parse_pattern"]

@@ -5,16 +5,22 @@ YAML: ``{method: magnitude, sparsity: 0.5}`` (per matrix) or ``{method: magnitud
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .masks import NMPattern, smallest_in_matrix, smallest_n_of_m
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 class Magnitude:
     name = "magnitude"
+    order = 10
+    statistics = "none"
+    options = ()
     needs_calibration = False
 
-    def new_statistics(self, in_features: int, device: torch.device) -> None:
+    def new_statistics(self, in_features: int, device) -> None:
         return None
 
     def prune_group(self, weights: list[torch.Tensor], statistics: None, sparsity: float,

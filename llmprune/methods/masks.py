@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,24 @@ def parse_pattern(text: str | None) -> NMPattern | None:
     return NMPattern(n, m)
 
 
+def check_sparsity(sparsity, pattern: NMPattern | None, explicit: bool = True) -> float:
+    """Validate the fraction removed; with an N:M pattern it must equal N/M when given."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # RuntimeError: a tensor of several values
+        raise UsageError(f"--sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    if not 0.0 <= value < 1.0:  # also refuses NaN
+        raise UsageError(f"--sparsity must be in [0, 1), got {sparsity!r}")
+    if pattern is not None and explicit and abs(value - pattern.sparsity) > 1e-9:
+        raise UsageError(f"--sparsity {value} disagrees with --pattern {pattern} "
+                         f"(which removes {pattern.sparsity:g}); omit --sparsity or make them agree")
+    return pattern.sparsity if pattern is not None else value
+
+
 def smallest_per_row(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mask the ``floor(in * fraction)`` lowest scores of every row. scores: [out, in]."""
+    import torch
+
     k = int(scores.shape[1] * fraction)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
@@ -54,6 +72,8 @@ def smallest_per_row(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 def smallest_in_matrix(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mask the ``floor(numel * fraction)`` lowest scores of the whole matrix."""
+    import torch
+
     k = int(scores.numel() * fraction)
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
@@ -63,6 +83,8 @@ def smallest_in_matrix(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 def smallest_n_of_m(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     """Mask the ``n`` lowest scores in every group of ``m`` consecutive input columns of each row."""
+    import torch
+
     rows, cols = scores.shape
     if cols % pattern.m:
         raise UsageError(f"pattern {pattern}: input width {cols} is not a multiple of {pattern.m}")

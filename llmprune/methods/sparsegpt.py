@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import NumericalError, UsageError
 from ..memory import release_free_heap
+from ..options import Option
 from .masks import NMPattern
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ class InputHessian:
     boundary on real models and the difference then grows layer by layer.
     """
 
-    def __init__(self, in_features: int, device: torch.device):
+    def __init__(self, in_features: int, device):
+        import torch
+
         self.sum_xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)  # [in, in]
         self.tokens = 0
 
@@ -63,7 +68,9 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str 
 
 
 @contextlib.contextmanager
-def _one_thread(device: torch.device):
+def _one_thread(device):
+    import torch
+
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -75,6 +82,8 @@ def _one_thread(device: torch.device):
 
 
 def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str, max_retries: int) -> torch.Tensor:
+    import torch
+
     hessian = hessian.double()
     diagonal_mean = torch.mean(torch.diag(hessian))
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
@@ -104,6 +113,8 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
     the n lowest of each row's group. After each column the error is spread over the columns
     not yet visited (the OBS update), then over later blocks in one matmul.
     """
+    import torch
+
     if not torch.isfinite(hessian).all():
         raise NumericalError(f"{name}: non-finite values (NaN or inf) in the Hessian")
     hessian = hessian.clone()
@@ -161,13 +172,20 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
 
 class SparseGPT:
     name = "sparsegpt"
+    order = 30
     needs_calibration = True
+    statistics = "hessian"
+    options = (
+        Option("blocksize", int, 128, "sparsegpt: columns per block (default 128)", minimum=1),
+        Option("percdamp", float, 0.01, "sparsegpt: dampening, fraction of mean diag(H) (default 0.01)",
+               minimum=0, maximum=10, exclusive=True),
+    )
 
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01):
         self.blocksize = blocksize
         self.percdamp = percdamp
 
-    def new_statistics(self, in_features: int, device: torch.device) -> InputHessian:
+    def new_statistics(self, in_features: int, device) -> InputHessian:
         return InputHessian(in_features, device)
 
     def prune_group(self, weights: list[torch.Tensor], statistics: InputHessian, sparsity: float,

@@ -6,15 +6,20 @@ YAML: ``{method: wanda, sparsity: 0.5}`` or ``{method: wanda, pattern: "2:4"}``.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .masks import NMPattern, smallest_n_of_m, smallest_per_row
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 class InputNorms:
     """Running sum of squares of every input feature over all calibration tokens (float32)."""
 
-    def __init__(self, in_features: int, device: torch.device):
+    def __init__(self, in_features: int, device):
+        import torch
+
         self.sum_of_squares = torch.zeros(in_features, dtype=torch.float32, device=device)  # [in]
         self.tokens = 0
 
@@ -31,9 +36,12 @@ def wanda_scores(weight: torch.Tensor, sum_of_squares: torch.Tensor) -> torch.Te
 
 class Wanda:
     name = "wanda"
+    order = 20
+    statistics = "norms"
+    options = ()
     needs_calibration = True
 
-    def new_statistics(self, in_features: int, device: torch.device) -> InputNorms:
+    def new_statistics(self, in_features: int, device) -> InputNorms:
         return InputNorms(in_features, device)
 
     def prune_group(self, weights: list[torch.Tensor], statistics: InputNorms, sparsity: float,
