@@ -125,7 +125,7 @@ def test_hostile_output_targets_are_refused_before_any_work(world, monkeypatch, 
     before, top = snapshot(root), sorted(os.listdir("/"))
     model_before = snapshot(world["model"])
     loaded = []
-    for where in ("llmprune.cli", "llmprune.pipeline", "llmprune.sweep", "llmprune.dynamic.command"):
+    for where in ("llmprune.models.loading", "llmprune.sweep"):
         monkeypatch.setattr(f"{where}.load_model", lambda *a, **k: loaded.append(1))
     started = time.perf_counter()
     rc = main(command(world, which, spelled(world, kind, spelling), overwrite))
