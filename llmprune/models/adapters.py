@@ -94,6 +94,7 @@ def _set_head_counts(attention: nn.Module, query_heads: int, kv_heads: int) -> N
 class DecoderAdapter:
     """Separate ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` linears."""
 
+    final_norm_name = "norm"  # of the decoder, before the LM head
     attention_name = "self_attn"
     mlp_name = "mlp"
     # Norms a decoder layer may have: before attention, after it, and Gemma's extra pair around the MLP.
@@ -109,6 +110,9 @@ class DecoderAdapter:
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return self.decoder(model).layers
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self.decoder(model).get_submodule(self.final_norm_name)
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.get_submodule(self.attention_name)
@@ -161,6 +165,13 @@ class DecoderAdapter:
         rows [start, end) of its output are the queries."""
         linear = getattr(self.attention(layer), self.query)
         return self.query, 0, linear.out_features
+
+    def dynamic_layout(self, model: nn.Module) -> dict:
+        """What the dynamic wrapper (dynamic/modeling_llmprune_dynamic.py, which cannot import
+        llmprune) needs to know, as JSON: module names, and per layer the query rows."""
+        return {"attention": self.attention_name, "mlp": self.mlp_name, "input_norm": self.norm_names[0],
+                "final_norm": self.final_norm_name,
+                "queries": [list(self.query_rows(layer)) for layer in self.layers(model)]}
 
     # -- geometry -----------------------------------------------------------------------------------
     def head_geometry(self, config) -> HeadGeometry:
