@@ -2,7 +2,7 @@
 
 from .api import PruneReport, prune
 from .errors import NumericalError, UsageError
-from .models.modeling_llmprune import register as _register_uneven_models
+from .models.registration import register_on_first_use as _register_uneven_models
 from .structured import StructuredReport, prune_structured
 
 _register_uneven_models()
