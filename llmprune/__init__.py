@@ -5,6 +5,10 @@ command line can check its arguments before any heavy module is loaded.
 """
 
 from .errors import NumericalError, UsageError
+from .models.registration import register_on_first_use as _register_uneven_models
+
+# llmprune's uneven-layer model types join transformers' Auto classes when those are first imported.
+_register_uneven_models()
 
 __version__ = "0.1.0"
 __all__ = ["NumericalError", "PruneReport", "StructuredReport", "UsageError", "prune", "prune_structured",

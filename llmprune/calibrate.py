@@ -43,7 +43,7 @@ class _StopCapture(Exception):
 
 class StopLayer(Exception):
     """Raised by a statistics hook once everything it needs from this layer has been seen, to skip
-    the rest of the layer's computation in a statistics pass (e.g. the down_proj matmul)."""
+    the rest of the layer's computation in a statistics pass (e.g. the down projection)."""
 
 
 class _LayerCatcher(nn.Module):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from ..models.adapters import adapter_for
 from . import fit as _fit
 from .modeling_llmprune_dynamic import (CONFIG_NAME, LOADER_NAME, MODELING_NAME, DynamicState, attach, detach,
                                         LlmpruneDynamicForCausalLM)
@@ -85,6 +86,7 @@ class Fitted:
     holdout_rows: torch.Tensor    # [N] bool: table rows from the holdout windows
     reference: dict               # the full model on the holdout: nll_sum, tokens, top1
     seconds: float
+    layout: dict = field(default_factory=dict)  # the adapter's dynamic_layout: module names, query rows
 
 
 @dataclass
@@ -133,7 +135,7 @@ def fit_dynamic(model: nn.Module, calibration_ids: torch.Tensor, exit_layers=Non
     if calibration_ids.shape[1] < 2:
         raise UsageError("--method dynamic needs calibration windows of at least 2 tokens")
     started = time.perf_counter()
-    num_layers = len(model.get_decoder().layers)
+    num_layers = len(adapter_for(model).layers(model))
     exit_layers = parse_exit_layers(exit_layers, num_layers)
     device = next(model.parameters()).device if device is None else check_device(device)
     n = calibration_ids.shape[0]
@@ -156,7 +158,8 @@ def fit_dynamic(model: nn.Module, calibration_ids: torch.Tensor, exit_layers=Non
     reference = _reference(model, state, holdout, device)
     return Fitted(num_layers=num_layers, hidden_size=model.config.hidden_size, exit_layers=exit_layers, maps=maps,
                   routers=routers, probes=probes, table=table, holdout=holdout, holdout_rows=holdout_rows,
-                  reference=reference, seconds=time.perf_counter() - started)
+                  reference=reference, seconds=time.perf_counter() - started,
+                  layout=adapter_for(model).dynamic_layout(model))
 
 
 def _settings(num_layers, hidden_size, exit_layers, **more) -> dict:
@@ -236,7 +239,8 @@ def calibrate(model: nn.Module, fitted: Fitted, *, early_exit: bool = True, toke
     max_ppl_increase, min_agreement = _check_targets(max_ppl_increase, min_agreement)
     started = time.perf_counter()
     tensors = {**(fitted.maps if maps else {}), **fitted.probes, **(fitted.routers if token_skip else {})}
-    state = DynamicState(_settings(fitted.num_layers, fitted.hidden_size, fitted.exit_layers), tensors)
+    state = DynamicState(_settings(fitted.num_layers, fitted.hidden_size, fitted.exit_layers,
+                                   **({"layout": fitted.layout} if fitted.layout else {})), tensors)
     attach(model, state)
     device = next(model.parameters()).device if device is None else device
     holdout, reference = fitted.holdout, fitted.reference
@@ -312,18 +316,16 @@ def _report(fitted, state, *, early_exit, token_skip, lossless, max_ppl_increase
 
 
 def _check_structure(model: nn.Module) -> None:
-    """What the wrapper needs: decoder layers with self_attn, mlp and input_layernorm, a final norm
-    (every family llmprune supports, including structured outputs with uneven layers)."""
+    """What the wrapper needs: a family llmprune has an adapter for (including structured outputs
+    with uneven layers), with decoder layers."""
     try:
-        decoder = model.get_decoder()
-        layers = decoder.layers
-        ok = hasattr(decoder, "norm") and len(layers) > 0 and all(
-            hasattr(layer, name) for layer in layers for name in ("self_attn", "mlp", "input_layernorm"))
-    except (AttributeError, TypeError):
+        adapter = adapter_for(model)
+        ok = len(adapter.layers(model)) > 0
+    except (AttributeError, TypeError, UsageError):
         ok = False
     if not ok:
-        raise UsageError(f"--method dynamic does not support {type(model).__name__}: it needs decoder layers with "
-                         "self_attn, mlp and input_layernorm, and a final norm")
+        raise UsageError(f"--method dynamic does not support {type(model).__name__}: it needs a family llmprune "
+                         "has an adapter for (llmprune.models.adapters)")
 
 
 def make_dynamic(model: nn.Module, calibration_ids: torch.Tensor, *, early_exit: bool = True, token_skip: bool = False,

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.adapters import adapter_for
+
 
 def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
     """Solve (G + ridge * mean(diag G) * I) W = C in float64; G [D, D], C [D, K] -> W [D, K]."""
@@ -56,11 +58,12 @@ class _Recorder:
     def __init__(self, model: nn.Module, mlp: bool = True):
         self.layer_in, self.layer_out, self.mlp_in, self.mlp_norm = {}, {}, {}, {}
         self.handles = []
-        for index, layer in enumerate(model.get_decoder().layers):
+        adapter = adapter_for(model)
+        for index, layer in enumerate(adapter.layers(model)):
             self.handles.append(layer.register_forward_pre_hook(self._pre(index), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(self._post(index), with_kwargs=True))
             if mlp:
-                self.handles.append(layer.mlp.register_forward_hook(self._mlp(index)))
+                self.handles.append(adapter.mlp(layer).register_forward_hook(self._mlp(index)))
 
     def _pre(self, index):
         def hook(module, args, kwargs):
@@ -172,6 +175,7 @@ def exit_table(model: nn.Module, ids: torch.Tensor, exit_layers: list[int], maps
                device: torch.device, progress: bool = True) -> ExitTable:
     """Pass 2 over windows ids [n, seqlen] (one at a time): what each exit would predict."""
     decoder = model.get_decoder()
+    final_norm = adapter_for(model).final_norm(model)
     recorder = _Recorder(model)
     features, agree, nll, full_nll, window, router_values = [], [], [], [], [], []
     try:
@@ -179,7 +183,7 @@ def exit_table(model: nn.Module, ids: torch.Tensor, exit_layers: list[int], maps
             batch = ids[w:w + 1].to(device)
             decoder(input_ids=batch, use_cache=False)
             targets = batch[0, 1:]
-            final = _logits(model, decoder.norm(recorder.layer_out[len(decoder.layers) - 1][:-1]))
+            final = _logits(model, final_norm(recorder.layer_out[len(decoder.layers) - 1][:-1]))
             full_top = final.argmax(-1)
             full_nll.append(F.cross_entropy(final, targets, reduction="none").double().cpu())
             per_exit_f, per_exit_a, per_exit_n = [], [], []
@@ -187,8 +191,8 @@ def exit_table(model: nn.Module, ids: torch.Tensor, exit_layers: list[int], maps
                 h = recorder.layer_out[e - 1][:-1]  # [T-1, H]
                 weight = maps.get(f"map.{e}.weight")
                 mapped = h if weight is None else h @ weight.to(h).T + maps[f"map.{e}.bias"].to(h)
-                logits = _logits(model, decoder.norm(mapped))
-                per_exit_f.append(decoder.norm(h).float().cpu())
+                logits = _logits(model, final_norm(mapped))
+                per_exit_f.append(final_norm(h).float().cpu())
                 per_exit_a.append((logits.argmax(-1) == full_top).cpu())
                 per_exit_n.append(F.cross_entropy(logits, targets, reduction="none").double().cpu())
             features.append(torch.stack(per_exit_f, 1))

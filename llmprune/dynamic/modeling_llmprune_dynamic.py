@@ -34,6 +34,7 @@ layer count it exited after, and its exit state (the hidden state after that lay
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import math
@@ -42,6 +43,7 @@ import sys
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CONFIG_NAME = "llmprune_dynamic.json"
@@ -68,26 +70,50 @@ class _StopAfterUpdate:
         raise _KeysValuesWritten
 
 
-class _Zeros(nn.Module):
-    """Replaces q_proj while only keys/values are computed: the queries are never used."""
+class _ZeroRows(nn.Module):
+    """Stands in for the linear computing queries while only keys/values are computed: rows
+    [start, end) of its output (the queries, never used) are zeros and are not computed; the other
+    rows (keys and values of a fused projection) are the linear's own."""
 
-    def __init__(self, out_features: int):
+    def __init__(self, linear: nn.Linear, start: int, end: int):
         super().__init__()
-        self.out_features = out_features
+        self.linear, self.start, self.end = linear, start, end
+        self.out_features = linear.out_features
 
     def forward(self, x):
-        return x.new_zeros(*x.shape[:-1], self.out_features)
+        if self.start == 0 and self.end == self.out_features:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        weight, bias = self.linear.weight, self.linear.bias
+        parts = []
+        for start, end in ((0, self.start), (self.end, self.out_features)):
+            if end > start:
+                parts.append(F.linear(x, weight[start:end], None if bias is None else bias[start:end]))
+            if start == 0:
+                parts.append(x.new_zeros(*x.shape[:-1], self.end - self.start))
+        return torch.cat(parts, dim=-1)
+
+
+#: Where a decoder layer keeps what the wrapper touches, for folders saved without a "layout"
+#: (Llama's layout); llmprune writes the layout its adapter gives into llmprune_dynamic.json.
+DEFAULT_LAYOUT = {"attention": "self_attn", "mlp": "mlp", "input_norm": "input_layernorm", "final_norm": "norm",
+                  "queries": None}
+DEFAULT_QUERIES = "q_proj"  # every output row of this linear of the attention module
 
 
 class _Run:
-    """Per forward call: which tokens [batch, seq] have exited, after how many layers, and their states."""
+    """One forward call: which tokens [batch, seq] have exited, after how many layers, and their
+    states, and the schemes deciding exits and skips in this call. Lives only during the call."""
 
-    def __init__(self, hidden: torch.Tensor, num_layers: int):
+    def __init__(self, num_layers: int, schemes: list):
         self.exited: torch.Tensor | None = None      # [B, T] bool
         self.frozen: torch.Tensor | None = None      # [B, T, H] exit states
         self.exit_at: torch.Tensor | None = None     # [B, T] layers run before the exit
         self.num_layers = num_layers
-        self.shape = hidden.shape[:2]
+        self.schemes = schemes
+        self.shape = None                            # (B, T), set by the first layer
+
+
+_RUN = contextvars.ContextVar("llmprune_dynamic_run", default=None)
 
 
 class DynamicState:
@@ -105,13 +131,18 @@ class DynamicState:
         self.tensors = dict(tensors)
         self.mode = "dynamic"  # "full": exits and skips off; "draft": every token exits at the draft layer
         self.stats = Counter()
-        self.run: _Run | None = None
         self._cast = {}
 
     # -- settings -----------------------------------------------------------------------------
     @property
     def exit_layers(self) -> list[int]:
         return list(self.settings.get("exit_layers") or [])
+
+    @property
+    def layout(self) -> dict:
+        """Names of the attention, MLP and norms in a decoder layer, and per layer the linear
+        computing queries with their output rows: [name within the attention, start, end]."""
+        return self.settings.get("layout") or DEFAULT_LAYOUT
 
     @property
     def exit_threshold(self):
@@ -178,8 +209,6 @@ def _file(folder, name, **hub):
     return cached_file(str(folder), name, _raise_exceptions_for_missing_entries=False, **keep)
 
 
-# -- the wrapped forwards ------------------------------------------------------------------------
-
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -193,27 +222,31 @@ def _like(output, tensor):
     return tensor
 
 
-def _fill_keys_values(layer: nn.Module, states: torch.Tensor, kwargs: dict) -> None:
+def _fill_keys_values(layer: nn.Module, states: torch.Tensor, kwargs: dict, layout: dict | None = None,
+                      index: int = 0) -> None:
     """Write this layer's keys/values for ``states`` [B, T, H] into the cache, through the layer's own
     input norm and attention module (rotary embedding, k-norm where the family has one), without
-    computing queries or attention."""
+    computing queries or attention. layout: ``DynamicState.layout``; index: the layer's index."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:  # no cache (teacher-forced call): nobody reads these keys/values later
         return
-    attn = layer.self_attn
+    layout = layout or DEFAULT_LAYOUT
+    attn = layer.get_submodule(layout["attention"])
+    queries = layout["queries"] or DEFAULT_QUERIES
+    name, start, end = (queries, 0, None) if isinstance(queries, str) else queries[index]
     call = dict(kwargs)
     call.pop("past_key_values", None)
     call["cache"] = _StopAfterUpdate(cache)
-    saved = attn._modules.get("q_proj")
+    saved = attn._modules.get(name)
     if saved is not None:
-        attn._modules["q_proj"] = _Zeros(saved.out_features)
+        attn._modules[name] = _ZeroRows(saved, start, saved.out_features if end is None else end)
     try:
-        attn(hidden_states=layer.input_layernorm(states), **call)
+        attn(hidden_states=layer.get_submodule(layout["input_norm"])(states), **call)
     except _KeysValuesWritten:
         pass
     finally:
         if saved is not None:
-            attn._modules["q_proj"] = saved
+            attn._modules[name] = saved
 
 
 def _probe_scores(state: DynamicState, norm: nn.Module, exit_layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -232,73 +265,171 @@ def exit_states(state: DynamicState, exit_layer: int, hidden: torch.Tensor) -> t
                        weight.t()).reshape(hidden.shape)
 
 
+# -- dynamic schemes: what decides, within one call, which tokens exit and which skip an MLP ----------
+
+class Scheme:
+    """One dynamic behaviour. ``exits``: [B, T] bool of tokens leaving after ``count`` layers (None:
+    no decision here); ``skips``: [B, T] bool of tokens skipping MLP ``index`` (None: none).
+    ``fills_keys_values``: whether layers above an exit still write keys/values for exited tokens."""
+
+    fills_keys_values = True
+
+    def exits(self, state: DynamicState, norm: nn.Module, count: int, hidden: torch.Tensor):
+        return None
+
+    def skips(self, state: DynamicState, index: int, x: torch.Tensor):
+        return None
+
+
+class EarlyExit(Scheme):
+    """Tokens whose probe score after an exit layer reaches the threshold stop there."""
+
+    def __init__(self, exit_layers, threshold: float):
+        self.exit_layers, self.threshold = set(exit_layers), threshold
+
+    def exits(self, state, norm, count, hidden):
+        if count not in self.exit_layers:
+            return None
+        return _probe_scores(state, norm, count, hidden) >= self.threshold
+
+
+class DraftExit(Scheme):
+    """Lossless drafting: every token stops at the draft exit layer; upper layers' keys/values are
+    left to the verification pass."""
+
+    fills_keys_values = False
+
+    def __init__(self, exit_layer: int):
+        self.exit_layer = exit_layer
+
+    def exits(self, state, norm, count, hidden):
+        return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if count == self.exit_layer else None
+
+
+class MlpSkip(Scheme):
+    """Tokens whose router predicts a small relative MLP update skip that MLP."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def skips(self, state, index, x):
+        weight = state.tensor(f"router.{index}.weight", x)
+        if weight is None:
+            return None
+        return x @ weight + state.tensor(f"router.{index}.bias", x) < self.threshold
+
+
+def schemes_for(state: DynamicState) -> list[Scheme]:
+    """The schemes of a call in the state's current mode and settings."""
+    if state.mode == "full":
+        return []
+    if state.mode == "draft":
+        return [DraftExit(state.settings["lossless"]["draft_exit_layer"])]
+    schemes = []
+    if state.exit_threshold is not None:
+        schemes.append(EarlyExit(state.exit_layers, state.exit_threshold))
+    if state.skip_threshold is not None:
+        schemes.append(MlpSkip(state.skip_threshold))
+    return schemes
+
+
+# -- the wrapped forwards ------------------------------------------------------------------------
+
+def _decoder_forward(state: DynamicState, original, *args, **kwargs):
+    """The decoder's forward with a fresh run state for this call only."""
+    token = _RUN.set(_Run(state.settings["num_layers"], schemes_for(state)))
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _RUN.reset(token)
+
+
+def _count_tokens(state: DynamicState, run: _Run, layers: int | None) -> None:
+    """Statistics of one finished call: tokens, layers run (None: all), decoding steps."""
+    tokens = run.shape[0] * run.shape[1]
+    layers = run.num_layers * tokens if layers is None else layers
+    state.stats["tokens"] += tokens
+    state.stats["layers"] += layers
+    if state.mode != "full" and run.shape[1] == 1:  # one new token per row: a decoding step
+        state.stats["decode_tokens"] += tokens
+        state.stats["decode_layers"] += layers
+
+
+def _exits_after(run: _Run, state: DynamicState, norm: nn.Module, count: int, tensor: torch.Tensor) -> None:
+    """Let the schemes decide which live tokens leave after ``count`` layers; freeze their states."""
+    leaving = None
+    for scheme in run.schemes:
+        mask = scheme.exits(state, norm, count, tensor)
+        if mask is not None:
+            leaving = mask if leaving is None else leaving | mask
+    if leaving is None:
+        return
+    if run.exited is not None:
+        leaving &= ~run.exited
+    if bool(leaving.any()):
+        if run.exited is None:
+            run.exited = leaving
+            run.frozen = tensor
+            run.exit_at = torch.where(leaving, count, run.num_layers)
+        else:
+            run.exited = run.exited | leaving
+            run.frozen = torch.where(leaving[..., None], tensor, run.frozen)
+            run.exit_at = torch.where(leaving, count, run.exit_at)
+
+
+def _mapped_exits(state: DynamicState, run: _Run, tensor: torch.Tensor) -> torch.Tensor:
+    """The last layer's output with every exited token's state replaced by its exit map's estimate."""
+    for exit_layer in torch.unique(run.exit_at[run.exited]).tolist():
+        chosen = run.exited & (run.exit_at == exit_layer)
+        mapped = exit_states(state, exit_layer, run.frozen)
+        tensor = torch.where(chosen[..., None], mapped, tensor)
+    return tensor
+
+
 def _layer_forward(state: DynamicState, norm: nn.Module, layer: nn.Module, index: int, original,
                    hidden_states, *args, **kwargs):
-    num_layers = state.settings["num_layers"]
-    if index == 0:
-        state.run = _Run(hidden_states, num_layers)
-    run = state.run
-    if run is None or state.mode == "full":
-        if state.mode == "full" and index == num_layers - 1:
-            state.stats["tokens"] += hidden_states.shape[0] * hidden_states.shape[1]
-            state.stats["layers"] += num_layers * hidden_states.shape[0] * hidden_states.shape[1]
+    run = _RUN.get()
+    if run is None:  # called outside a model call: the plain layer
+        return original(hidden_states, *args, **kwargs)
+    if run.shape is None:
+        run.shape = hidden_states.shape[:2]
+    count = index + 1  # decoder layers run so far
+    if not run.schemes:
+        if count == run.num_layers:
+            _count_tokens(state, run, None)
         return original(hidden_states, *args, **kwargs)
 
     if run.exited is not None and bool(run.exited.all()):
-        if state.mode != "draft":  # drafts' upper-layer keys/values are recomputed by the verification
-            _fill_keys_values(layer, run.frozen, kwargs)
+        if all(scheme.fills_keys_values for scheme in run.schemes):
+            _fill_keys_values(layer, run.frozen, kwargs, state.layout, index)
         output, tensor = run.frozen, run.frozen
     else:
         output = original(hidden_states, *args, **kwargs)
         tensor = _first(output)
         if run.exited is not None:
             tensor = torch.where(run.exited[..., None], run.frozen, tensor)
+    _exits_after(run, state, norm, count, tensor)
 
-    count = index + 1  # decoder layers run so far
-    draft = state.mode == "draft"
-    if (draft and count == state.settings["lossless"]["draft_exit_layer"]) or (
-            not draft and state.exit_threshold is not None and count in state.exit_layers):
-        if draft:
-            leaving = torch.ones(run.shape, dtype=torch.bool, device=tensor.device)
-        else:
-            leaving = _probe_scores(state, norm, count, tensor) >= state.exit_threshold
+    if count == run.num_layers:
+        _count_tokens(state, run, None if run.exited is None else int(run.exit_at.sum()))
         if run.exited is not None:
-            leaving &= ~run.exited
-        if bool(leaving.any()):
-            if run.exited is None:
-                run.exited = leaving
-                run.frozen = tensor
-                run.exit_at = torch.where(leaving, count, num_layers)
-            else:
-                run.exited = run.exited | leaving
-                run.frozen = torch.where(leaving[..., None], tensor, run.frozen)
-                run.exit_at = torch.where(leaving, count, run.exit_at)
-
-    if count == num_layers:
-        tokens = run.shape[0] * run.shape[1]
-        layers = num_layers * tokens if run.exited is None else int(run.exit_at.sum())
-        state.stats["tokens"] += tokens
-        state.stats["layers"] += layers
-        if run.shape[1] == 1:  # one new token per row: a decoding step
-            state.stats["decode_tokens"] += tokens
-            state.stats["decode_layers"] += layers
-        if run.exited is not None:
-            for exit_layer in torch.unique(run.exit_at[run.exited]).tolist():
-                chosen = run.exited & (run.exit_at == exit_layer)
-                mapped = exit_states(state, exit_layer, run.frozen)
-                tensor = torch.where(chosen[..., None], mapped, tensor)
-        state.run = None
+            tensor = _mapped_exits(state, run, tensor)
     if tensor is output:
         return output
     return _like(output, tensor) if not isinstance(output, torch.Tensor) else tensor
 
 
 def _mlp_forward(state: DynamicState, index: int, original, x):
-    run = state.run
-    if state.mode != "dynamic" or state.skip_threshold is None or f"router.{index}.weight" not in state.tensors:
+    run = _RUN.get()
+    schemes = run.schemes if run is not None else schemes_for(state)
+    skip = None
+    for scheme in schemes:
+        mask = scheme.skips(state, index, x)
+        if mask is not None:
+            skip = mask if skip is None else skip | mask
+    if skip is None:
         return original(x)
     exited = run.exited if run is not None else None
-    skip = x @ state.tensor(f"router.{index}.weight", x) + state.tensor(f"router.{index}.bias", x) < state.skip_threshold
     live = skip if exited is None else skip & ~exited
     state.stats["mlp_skipped"] += int(live.sum())
     state.stats["mlp_total"] += x.shape[0] * x.shape[1] - (0 if exited is None else int(exited.sum()))
@@ -331,21 +462,24 @@ def _unwrap(module: nn.Module) -> None:
 
 
 def attach(model: nn.Module, state: DynamicState) -> nn.Module:
-    """Make ``model`` dynamic in place (wrap its decoder layers' and MLPs' forwards); returns it."""
+    """Make ``model`` dynamic in place (wrap its decoder's, decoder layers' and MLPs' forwards); returns it."""
     decoder = model.get_decoder()
     layers = decoder.layers
     if len(layers) != state.settings["num_layers"]:
         raise ValueError(f"the dynamic settings are for {state.settings['num_layers']} layers, the model has {len(layers)}")
     detach(model)
+    layout = state.layout
+    norm = decoder.get_submodule(layout["final_norm"])
+    _wrap(decoder, lambda *args, original, **kwargs: _decoder_forward(state, original, *args, **kwargs))
     for index, layer in enumerate(layers):
         def layer_forward(hidden_states, *args, original, _layer=layer, _index=index, **kwargs):
-            return _layer_forward(state, decoder.norm, _layer, _index, original, hidden_states, *args, **kwargs)
+            return _layer_forward(state, norm, _layer, _index, original, hidden_states, *args, **kwargs)
 
         def mlp_forward(x, original, _index=index):
             return _mlp_forward(state, _index, original, x)
 
         _wrap(layer, layer_forward)
-        _wrap(layer.mlp, mlp_forward)
+        _wrap(layer.get_submodule(layout["mlp"]), mlp_forward)
     model.llmprune_dynamic = state
     if state.settings.get("lossless"):
         from .lossless import install_lossless_generate
@@ -356,9 +490,13 @@ def attach(model: nn.Module, state: DynamicState) -> nn.Module:
 
 def detach(model: nn.Module) -> nn.Module:
     """Undo ``attach``: the model is static again."""
-    for layer in model.get_decoder().layers:
+    state = model.__dict__.get("llmprune_dynamic")
+    mlp_name = (state.layout if state is not None else DEFAULT_LAYOUT)["mlp"]
+    decoder = model.get_decoder()
+    _unwrap(decoder)
+    for layer in decoder.layers:
         _unwrap(layer)
-        _unwrap(layer.mlp)
+        _unwrap(layer.get_submodule(mlp_name))
     model.__dict__.pop("generate", None)
     model.__dict__.pop("llmprune_dynamic", None)
     return model

@@ -3,9 +3,11 @@ structured pruning with global allocation.
 
 This file is copied into such output folders and referenced by ``auto_map`` in config.json, so
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads them; it imports
-nothing but transformers. ``import llmprune`` registers the same classes, after which no remote
-code is needed. Each class subclasses the family's own transformers classes and only rebuilds
-every decoder layer from a copy of the config with that layer's sizes: no forward code is copied.
+nothing but transformers. ``register`` (which ``import llmprune`` arranges) lets the Auto classes
+load them without remote code. Each class subclasses the family's own transformers classes and
+only rebuilds every decoder layer from a copy of the config with that layer's sizes: no forward
+code is copied. Classes are made on first use, for any family transformers has a causal LM for,
+so that no family's modelling code is imported before it is needed.
 
 config.json carries ``llmprune_layer_sizes``: one {num_attention_heads, num_key_value_heads,
 intermediate_size} per layer, and ``model_type`` = "llmprune_" + the family's model type, so that
@@ -16,15 +18,23 @@ from __future__ import annotations
 
 import copy
 
-import transformers
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3Text"}
 PREFIX = "llmprune_"
+_CLASSES: dict = {}
 
 
-def _make_classes(base_type: str, name: str):
+def _family_name(base_type: str) -> str:
+    """"llama" -> "Llama": the family's causal-LM class name without "ForCausalLM"."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type][:-len("ForCausalLM")]
+
+
+def _make_classes(base_type: str):
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = _family_name(base_type)
     base_config = CONFIG_MAPPING[base_type]
     base_model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_type])
 
@@ -46,23 +56,32 @@ def _make_classes(base_type: str, name: str):
     return config_class, model_class
 
 
-for _base, _name in FAMILIES.items():
-    _config, _model = _make_classes(_base, _name)
-    globals()[_config.__name__] = _config
-    globals()[_model.__name__] = _model
-
-
 def classes_for(base_type: str):
-    """(config class, model class) for a family's model type."""
-    name = FAMILIES[base_type]
-    return globals()[f"Llmprune{name}Config"], globals()[f"Llmprune{name}ForCausalLM"]
+    """(config class, model class) for a family's model type, made once."""
+    if base_type not in _CLASSES:
+        _CLASSES[base_type] = _make_classes(base_type)
+        for cls in _CLASSES[base_type]:
+            globals()[cls.__name__] = cls
+    return _CLASSES[base_type]
 
 
-def register() -> None:
-    """Let the Auto classes load these folders without remote code."""
+def __getattr__(name: str):
+    """``auto_map`` names a class ("LlmpruneLlamaForCausalLM"): make its family's classes."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for base_type, model_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        family = model_name[:-len("ForCausalLM")]
+        if name in (f"Llmprune{family}Config", f"Llmprune{family}ForCausalLM"):
+            classes_for(base_type)
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register(base_types) -> None:
+    """Let the Auto classes load these folders for the given families without remote code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for base_type in FAMILIES:
+    for base_type in base_types:
         config_class, model_class = classes_for(base_type)
         try:
             AutoConfig.register(config_class.model_type, config_class)

@@ -25,7 +25,7 @@ from ..placement import execution_device, onloaded
 from ..checkpoint import LayerCheckpoint, run_fingerprint
 from ..errors import UsageError
 from ..evaluate import count_parameters
-from ..models.adapters import adapter_for
+from ..models.adapters import HeadGeometry, adapter_for, adapter_for_config, base_model_type, head_channels
 from . import surgery
 from .scores import (ChannelStats, LayerChange, kv_head_scores, neuron_scores, query_head_scores,
                      standardise)
@@ -71,12 +71,6 @@ def _kept_count(total: int, fraction: float, multiple: int, what: str) -> int:
     return min(feasible, key=lambda k: (abs(k - target), -k))
 
 
-def _shape(config) -> tuple[int, int, int, int]:
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv, head_dim, config.intermediate_size
-
-
 def check_structured_options(heads: float = 0.0, ffn: float = 0.0, layers: int = 0, score: str = "wanda",
                              allocation: str = "uniform", gqa: str = "groups", round_to: int = 1,
                              round_heads_to: int = 1) -> None:
@@ -111,8 +105,9 @@ def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int =
     if not layers < config.num_hidden_layers:
         raise UsageError(f"--layers must be in [0, {config.num_hidden_layers - 1}] for a model of "
                          f"{config.num_hidden_layers} layers, got {layers!r}")
-    q_heads, kv_heads, _, width = _shape(config)
-    ratio = q_heads // kv_heads
+    adapter = adapter_for_config(config)
+    geometry = adapter.head_geometry(config)
+    kv_heads, ratio, width = geometry.kv_heads, geometry.group_size, adapter.intermediate_size(config)
     if heads:
         if gqa == "queries" and ratio == 1:
             raise UsageError("--gqa queries keeps every KV head, but this model has one query head per KV "
@@ -131,11 +126,9 @@ def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int =
         _kept_count(width, ffn, round_to, "FFN neurons")
 
 
-def _new_layer_statistics(layer: nn.Module, device: torch.device, group=None) -> dict:
+def _new_layer_statistics(adapter, layer: nn.Module, device: torch.device, group=None) -> dict:
     """Accumulators of one layer; in a process group, ones that combine exactly (llmprune.distributed)."""
-    hidden = layer.self_attn.q_proj.in_features
-    sizes = {"attn_in": hidden, "attn_channels": layer.self_attn.o_proj.in_features, "mlp_in": hidden,
-             "ffn_channels": layer.mlp.down_proj.in_features}
+    sizes = {key: linear.in_features for key, linear in adapter.statistics_points(layer).items()}
     stats = {key: distributed.accumulator(lambda n=n: ChannelStats(n, device), group) for key, n in sizes.items()}
     stats["change"] = distributed.accumulator(LayerChange, group)
     return stats
@@ -144,7 +137,7 @@ def _new_layer_statistics(layer: nn.Module, device: torch.device, group=None) ->
 def collect_statistics(model, calibration, device=None, batch_size: int = 1, progress: bool = True,
                        checkpoint: LayerCheckpoint | None = None) -> list[dict]:
     """Per layer: hidden-state norms at the attention and MLP inputs, channel statistics of the
-    o_proj and down_proj inputs, and how much the layer changes its input. With a checkpoint,
+    attention output projection's and the down projection's inputs, and how much the layer changes its input. With a checkpoint,
     each layer's statistics are committed once its pass is done, and restored on resume."""
     adapter = adapter_for(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -152,7 +145,7 @@ def collect_statistics(model, calibration, device=None, batch_size: int = 1, pro
     group = distributed.current()
 
     def collect(index, layer):
-        stats = _new_layer_statistics(layer, execution_device(layer, device), group)
+        stats = _new_layer_statistics(adapter, layer, execution_device(layer, device), group)
         per_layer.append(stats)
 
         def record(key):
@@ -162,10 +155,7 @@ def collect_statistics(model, calibration, device=None, batch_size: int = 1, pro
             hidden_in = args[0] if args else kwargs["hidden_states"]
             stats["change"].add_batch(hidden_in, output[0] if isinstance(output, tuple) else output)
 
-        return [layer.self_attn.q_proj.register_forward_hook(record("attn_in")),
-                layer.self_attn.o_proj.register_forward_hook(record("attn_channels")),
-                layer.mlp.gate_proj.register_forward_hook(record("mlp_in")),
-                layer.mlp.down_proj.register_forward_hook(record("ffn_channels")),
+        return [*(linear.register_forward_hook(record(key)) for key, linear in adapter.statistics_points(layer).items()),
                 layer.register_forward_hook(change, with_kwargs=True)]
 
     def layer_state(index, layer):  # {"<statistic>.<field>": tensor} of this layer
@@ -173,7 +163,7 @@ def collect_statistics(model, calibration, device=None, batch_size: int = 1, pro
                 for name, value in stat.state().items()}
 
     def restore_layer(index, layer, tensors):
-        stats = _new_layer_statistics(layer, device)
+        stats = _new_layer_statistics(adapter, layer, device)
         for key, stat in stats.items():
             stat.load_state({name.split(".", 1)[1]: value.to(device) for name, value in tensors.items()
                              if name.split(".", 1)[0] == key})
@@ -188,12 +178,14 @@ def collect_statistics(model, calibration, device=None, batch_size: int = 1, pro
     return per_layer
 
 
-def _bias_support(layer: nn.Module, config) -> dict:
-    """Whether this family's modelling code creates o_proj / down_proj biases from the config."""
+def _bias_support(adapter, layer: nn.Module, config) -> dict:
+    """Whether this family's modelling code creates biases of the attention output and down
+    projections when the config asks for them."""
     probe = config.__class__.from_dict({**config.to_dict(), "attention_bias": True, "mlp_bias": True})
     with torch.device("meta"):
         fresh = type(layer)(probe, 0)
-    return {"attention": fresh.self_attn.o_proj.bias is not None, "mlp": fresh.mlp.down_proj.bias is not None}
+    return {"attention": adapter.output_projection(fresh).bias is not None,
+            "mlp": adapter.down_projection(fresh).bias is not None}
 
 
 def _allocate(scores: list[torch.Tensor], fraction: float, allocation: str, multiple: int, what: str,
@@ -244,6 +236,10 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
     ``structured_checkpoint(...)``) where the statistics are committed layer by layer and from which
     a rerun resumes (the cutting itself takes no time); run_identity: more JSON-able facts that a
     resumed run must share.
+
+    The steps: statistics -> drop the layers that change their input least -> score every head
+    and neuron (``score_units``) -> decide how many to remove per layer (``allocate_removals``)
+    -> cut each layer (``cut_layer``) -> rewrite the config.
     """
     adapter = adapter_for(model)
     config = model.config
@@ -258,92 +254,33 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
     model.eval()
     started = time.perf_counter()
     before = count_parameters(model)["parameters"]
-    q_heads, kv_heads, head_dim, _ = _shape(config)
-    ratio = q_heads // kv_heads
-
+    geometry = adapter.head_geometry(config)
     decoder_layers = adapter.layers(model)
+
     stats = statistics
     if needs_data and stats is None:
         if isinstance(checkpoint, (str, os.PathLike)):
             checkpoint = structured_checkpoint(checkpoint, model, calibration, options, batch_size, run_identity)
         stats = collect_statistics(model, calibration, device, batch_size, progress, checkpoint)
     change = [s["change"].value for s in stats] if stats else []
-    drop = sorted(sorted(range(len(decoder_layers)), key=lambda i: change[i])[:layers]) if layers else []
-    support = _bias_support(decoder_layers[0], config) if score == "flap" else {"attention": False, "mlp": False}
+    drop = layers_to_drop(change, layers)
+    support = _bias_support(adapter, decoder_layers[0], config) if score == "flap" else {"attention": False, "mlp": False}
     if drop:
         surgery.remove_layers(model, decoder_layers, drop)
         stats = [s for i, s in enumerate(stats) if i not in drop]
 
-    # Scores per kept layer, on the device of the weights (float64).
     with torch.no_grad():
-        head_scores, neuron_score_list = [], []
-        for index, layer in enumerate(decoder_layers):
-            with onloaded(layer):  # offloaded weights (accelerate device maps) are real inside
-                attention, mlp = layer.self_attn, layer.mlp
-                s = stats[index] if stats else None
-                if heads:
-                    per_query = query_head_scores(score, attention.q_proj.weight.float(), attention.o_proj.weight.float(),
-                                                  head_dim, s and s["attn_in"], s and s["attn_channels"])
-                    if gqa == "groups":
-                        per_kv = kv_head_scores(score, attention.k_proj.weight.float(), attention.v_proj.weight.float(),
-                                                head_dim, s and s["attn_in"])
-                        head_scores.append(per_query.reshape(kv_heads, ratio).sum(1) + per_kv)  # [G]
-                    else:
-                        head_scores.append(per_query.reshape(kv_heads, ratio))  # [G, r]
-                if ffn:
-                    neuron_score_list.append(neuron_scores(score, mlp.gate_proj.weight.float(), mlp.up_proj.weight.float(),
-                                                           mlp.down_proj.weight.float(), s and s["mlp_in"],
-                                                           s and s["ffn_channels"]))
-
-        if heads and gqa == "groups":
-            remove_heads = _allocate(head_scores, heads, allocation, 1, "KV head groups")
-        elif heads:
-            # A removal step takes the k-th weakest query head of every group at once: score it by
-            # the sum over groups, so steps of different layers can be ranked together.
-            step_scores = [g.sort(dim=1).values.sum(0) for g in head_scores]  # [r] per layer
-            remove_heads = _allocate(step_scores, heads, allocation, 1, "query heads of a KV group")
-        remove_neurons = _allocate(neuron_score_list, ffn, allocation, round_to, "FFN neurons") if ffn else []
-
+        head_scores, neuron_score_list = score_units(adapter, decoder_layers, stats, score, geometry, gqa,
+                                                     heads=bool(heads), ffn=bool(ffn))
+        remove_heads, remove_neurons = allocate_removals(len(decoder_layers), head_scores, neuron_score_list, heads,
+                                                         ffn, allocation, gqa, round_to)
         sizes = []
         for index, layer in enumerate(decoder_layers):
-            with onloaded(layer):  # offloaded weights (accelerate device maps) are real inside
-                attention, mlp = layer.self_attn, layer.mlp
-                s = stats[index] if stats else None
-                layer_heads, layer_kv = q_heads, kv_heads
-                if heads and remove_heads[index]:
-                    if gqa == "groups":
-                        order = head_scores[index].argsort()
-                        keep_kv = sorted(order[remove_heads[index]:].tolist())
-                        keep_query = [g * ratio + j for g in keep_kv for j in range(ratio)]
-                    else:
-                        keep_kv = list(range(kv_heads))
-                        per_group = ratio - remove_heads[index]
-                        keep_query = [g * ratio + j for g in keep_kv
-                                      for j in sorted(head_scores[index][g].argsort()[-per_group:].tolist())]
-                    o_bias = None
-                    if score == "flap" and support["attention"]:
-                        removed = sorted(set(range(q_heads)) - set(keep_query))
-                        channels = surgery.head_channels(removed, head_dim, attention.o_proj.weight.device)
-                        o_bias = attention.o_proj.weight.double()[:, channels] @ s["attn_channels"].mean.to(channels.device)[channels]
-                    surgery.shrink_attention(attention, keep_query, keep_kv, head_dim, o_bias)
-                    layer_heads, layer_kv = len(keep_query), len(keep_kv)
-                width = mlp.down_proj.in_features
-                if ffn and remove_neurons[index]:
-                    order = neuron_score_list[index].argsort()
-                    keep = order[remove_neurons[index]:].sort().values.to(mlp.down_proj.weight.device)
-                    down_bias = None
-                    if score == "flap" and support["mlp"]:
-                        removed = order[:remove_neurons[index]].to(mlp.down_proj.weight.device)
-                        down_bias = mlp.down_proj.weight.double()[:, removed] @ s["ffn_channels"].mean.to(removed.device)[removed]
-                    surgery.shrink_mlp(mlp, keep, down_bias)
-                    width = len(keep)
-                if score == "flap":  # the config will declare biases: every declared bias must exist
-                    if support["attention"]:
-                        surgery.add_zero_biases(attention, ("q_proj", "k_proj", "v_proj", "o_proj"))
-                    if support["mlp"]:
-                        surgery.add_zero_biases(mlp, ("gate_proj", "up_proj", "down_proj"))
-                sizes.append({"num_attention_heads": layer_heads, "num_key_value_heads": layer_kv,
-                              "intermediate_size": width})
+            kept = kept_heads(head_scores[index], remove_heads[index], gqa, geometry) if remove_heads[index] else None
+            order = neuron_score_list[index].argsort() if remove_neurons[index] else None
+            cut_layer(adapter, layer, geometry, stats[index] if stats else None, score, support, kept, order,
+                      remove_neurons[index])
+            sizes.append(adapter.layer_sizes(layer, geometry.head_dim))
 
     if support["attention"]:
         config.attention_bias = True
@@ -354,15 +291,111 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
                               parameters_after=count_parameters(model)["parameters"],
                               bias_compensation=support if score == "flap" else {},
                               seconds=time.perf_counter() - started)
-    if report.uniform and _plain_config_accepts(config, {**sizes[0], "head_dim": head_dim}):
-        for key, value in {**sizes[0], "head_dim": head_dim}.items():
-            setattr(config, key, value)
+    _rewrite_config(adapter, model, sizes, geometry.head_dim, report.uniform)
+    report.plain_config = not hasattr(model.config, "llmprune_layer_sizes")
+    return report
+
+
+def layers_to_drop(change: list[float], count: int) -> list[int]:
+    """Indices (ascending) of the ``count`` layers that change their input least."""
+    return sorted(sorted(range(len(change)), key=lambda i: change[i])[:count]) if count else []
+
+
+def score_units(adapter, layers, stats: list[dict] | None, score: str, geometry: HeadGeometry, gqa: str, *,
+                heads: bool, ffn: bool) -> tuple[list, list]:
+    """Per layer: head scores ([G] per KV group with gqa "groups", [G, r] per query head with
+    "queries") and FFN neuron scores [I], float64 on the weights' device; [] where not asked."""
+    head_scores, neuron_score_list = [], []
+    for index, layer in enumerate(layers):
+        with onloaded(layer):  # offloaded weights (accelerate device maps) are real inside
+            s = stats[index] if stats else None
+            if heads:
+                q, k, v, o = adapter.attention_weights(layer)
+                per_query = query_head_scores(score, q.float(), o.float(), geometry.head_dim,
+                                              s and s["attn_in"], s and s["attn_channels"])
+                per_query = per_query.reshape(geometry.kv_heads, geometry.group_size)  # [G, r]
+                if gqa == "groups":
+                    per_kv = kv_head_scores(score, k.float(), v.float(), geometry.head_dim, s and s["attn_in"])
+                    head_scores.append(per_query.sum(1) + per_kv)  # [G]
+                else:
+                    head_scores.append(per_query)
+            if ffn:
+                gate, up, down = adapter.mlp_weights(layer)
+                neuron_score_list.append(neuron_scores(score, gate.float(), up.float(), down.float(),
+                                                       s and s["mlp_in"], s and s["ffn_channels"]))
+    return head_scores, neuron_score_list
+
+
+def allocate_removals(count: int, head_scores: list, neuron_score_list: list, heads: float, ffn: float,
+                      allocation: str, gqa: str, round_to: int) -> tuple[list[int], list[int]]:
+    """Per layer (of ``count``), how many head units (KV groups, or query heads per group) and FFN
+    neurons to remove."""
+    remove_heads = [0] * count
+    if heads and gqa == "groups":
+        remove_heads = _allocate(head_scores, heads, allocation, 1, "KV head groups")
+    elif heads:
+        # A removal step takes the k-th weakest query head of every group at once: score it by
+        # the sum over groups, so steps of different layers can be ranked together.
+        step_scores = [g.sort(dim=1).values.sum(0) for g in head_scores]  # [r] per layer
+        remove_heads = _allocate(step_scores, heads, allocation, 1, "query heads of a KV group")
+    remove_neurons = _allocate(neuron_score_list, ffn, allocation, round_to, "FFN neurons") if ffn else [0] * count
+    return remove_heads, remove_neurons
+
+
+def kept_heads(scores: torch.Tensor, removed: int, gqa: str, geometry: HeadGeometry) -> tuple[list[int], list[int]]:
+    """(query heads, KV heads) a layer keeps, ascending, when ``removed`` units go: the weakest KV
+    groups with all their query heads ("groups", scores [G]), or the ``removed`` weakest query
+    heads of every group ("queries", scores [G, r])."""
+    if gqa == "groups":
+        keep_kv = sorted(scores.argsort()[removed:].tolist())
+        return [h for g in keep_kv for h in geometry.query_heads_of(g)], keep_kv
+    keep_kv = list(range(geometry.kv_heads))
+    per_group = geometry.group_size - removed
+    keep_query = [g * geometry.group_size + j for g in keep_kv
+                  for j in sorted(scores[g].argsort()[-per_group:].tolist())]
+    return keep_query, keep_kv
+
+
+def cut_layer(adapter, layer: nn.Module, geometry: HeadGeometry, stats: dict | None, score: str, support: dict,
+              heads: tuple[list[int], list[int]] | None, neuron_order: torch.Tensor | None, remove_neurons: int) -> None:
+    """Cut one layer in place: keep ``heads`` = (query heads, KV heads) when given, and all FFN
+    neurons but the first ``remove_neurons`` of ``neuron_order`` (ascending score). FLAP moves the
+    mean contribution of removed channels into the output biases where the family has them."""
+    with onloaded(layer):  # offloaded weights (accelerate device maps) are real inside
+        flap = score == "flap"
+        if heads is not None:
+            keep_query, keep_kv = heads
+            o_bias = None
+            if flap and support["attention"]:
+                o = adapter.output_projection(layer).weight
+                removed = sorted(set(range(geometry.query_heads)) - set(keep_query))
+                channels = head_channels(removed, geometry.head_dim, o.device)
+                o_bias = o.double()[:, channels] @ stats["attn_channels"].mean.to(channels.device)[channels]
+            adapter.cut_heads(layer, keep_query, keep_kv, geometry.head_dim, o_bias)
+        if remove_neurons:
+            down = adapter.down_projection(layer).weight
+            keep = neuron_order[remove_neurons:].sort().values.to(down.device)
+            down_bias = None
+            if flap and support["mlp"]:
+                removed = neuron_order[:remove_neurons].to(down.device)
+                down_bias = down.double()[:, removed] @ stats["ffn_channels"].mean.to(removed.device)[removed]
+            adapter.cut_neurons(layer, keep, down_bias)
+        if flap:  # the config will declare biases: every declared bias must exist
+            blocks = {"attention": adapter.attention(layer), "mlp": adapter.mlp(layer)}
+            for block, names in adapter.bias_names().items():
+                if support[block]:
+                    surgery.add_zero_biases(blocks[block], names)
+
+
+def _rewrite_config(adapter, model: nn.Module, sizes: list[dict], head_dim: int, uniform: bool) -> None:
+    """Uniform sizes the family's config accepts go into that config; anything else gives the model
+    llmprune's uneven-layer config."""
+    if uniform and _plain_config_accepts(model.config, {**sizes[0], "head_dim": head_dim}):
+        adapter.rewrite_config(model.config, sizes[0], head_dim)
     else:
         # Uneven layers, or sizes the family's config refuses (Llama and Gemma 3 require
         # hidden_size % num_attention_heads == 0 even with an explicit head_dim).
         _make_uneven_config(model, head_dim, sizes)
-    report.plain_config = not hasattr(model.config, "llmprune_layer_sizes")
-    return report
 
 
 def _plain_config_accepts(config, values: dict) -> bool:
@@ -377,11 +410,9 @@ def _plain_config_accepts(config, values: dict) -> bool:
 def _make_uneven_config(model: nn.Module, head_dim: int, sizes: list[dict]) -> None:
     """Give the model the config of its llmprune class: per-layer sizes, a model type that plain
     transformers does not know, and auto_map entries for the modelling file saved beside it."""
-    from ..models.modeling_llmprune import PREFIX, classes_for
+    from ..models.modeling_llmprune import classes_for
 
-    base_type = model.config.model_type
-    if base_type.startswith(PREFIX):
-        base_type = base_type[len(PREFIX):]
+    base_type = base_model_type(model.config.model_type)
     config_class, model_class = classes_for(base_type)
     values = {k: v for k, v in model.config.to_dict().items() if k != "model_type"}
     config = config_class.from_dict({**values, "head_dim": head_dim, "llmprune_layer_sizes": sizes})

@@ -1,7 +1,8 @@
-"""Surgery that really shrinks matrices: keep chosen rows/columns of linear layers, drop layers.
+"""Surgery on whole layers: drop decoder layers, give linears the biases a config declares.
 
-Every function takes the indices to KEEP (sorted), builds new nn.Linear modules of the smaller
-shape with the kept weights copied bit for bit, and updates the module attributes that the
+Cutting heads and neurons out of a layer's matrices depends on the family's layout (separate or
+fused projections) and lives in its adapter (llmprune.models.adapters: ``cut_heads``,
+``cut_neurons``), which keeps chosen rows/columns bit for bit and updates the attributes the
 model's own forward code reads (so no forward code is copied or patched).
 """
 
@@ -9,63 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                       device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
-
-
-def keep_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
-    """Output features ``rows`` of linear: weight [out, in] -> [len(rows), in]."""
-    bias = linear.bias[rows] if linear.bias is not None else None
-    return _new_linear(linear.weight[rows], bias)
-
-
-def keep_columns(linear: nn.Linear, columns: torch.Tensor, extra_bias: torch.Tensor | None = None) -> nn.Linear:
-    """Input features ``columns``: weight [out, in] -> [out, len(columns)]. ``extra_bias`` [out]
-    is added to the bias (created if missing): the mean contribution of removed inputs."""
-    bias = linear.bias
-    if extra_bias is not None:
-        bias = extra_bias.to(linear.weight.dtype) + (bias if bias is not None else 0)
-    return _new_linear(linear.weight[:, columns], bias)
-
-
-def head_channels(heads: list[int], head_dim: int, device=None) -> torch.Tensor:
-    """Channel indices [len(heads) * hd] of the given heads, in order."""
-    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim, device=device) for h in heads])
-
-
-def shrink_attention(attention: nn.Module, keep_query: list[int], keep_kv: list[int], head_dim: int,
-                     o_bias: torch.Tensor | None = None) -> None:
-    """Keep query heads ``keep_query`` and KV heads ``keep_kv`` (each kept KV head keeps the same
-    number of its own query heads). q/k/v lose rows, o_proj loses columns; head_dim stays."""
-    device = attention.q_proj.weight.device
-    q = head_channels(keep_query, head_dim, device)
-    kv = head_channels(keep_kv, head_dim, device)
-    attention.q_proj = keep_rows(attention.q_proj, q)
-    attention.k_proj = keep_rows(attention.k_proj, kv)
-    attention.v_proj = keep_rows(attention.v_proj, kv)
-    attention.o_proj = keep_columns(attention.o_proj, q, o_bias)
-    attention.num_key_value_groups = len(keep_query) // len(keep_kv)
-    for name, value in (("num_heads", len(keep_query)), ("num_attention_heads", len(keep_query)),
-                        ("num_key_value_heads", len(keep_kv))):
-        if hasattr(attention, name):
-            setattr(attention, name, value)
-
-
-def shrink_mlp(mlp: nn.Module, keep: torch.Tensor, down_bias: torch.Tensor | None = None) -> None:
-    """Keep FFN neurons ``keep``: rows of gate/up, columns of down."""
-    mlp.gate_proj = keep_rows(mlp.gate_proj, keep)
-    mlp.up_proj = keep_rows(mlp.up_proj, keep)
-    mlp.down_proj = keep_columns(mlp.down_proj, keep, down_bias)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = len(keep)
 
 
 def add_zero_biases(module: nn.Module, names: tuple[str, ...]) -> None:
