@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .data import DEFAULT_MAX_DATA_BYTES, MAX_DATA_BYTES_HELP
 from .errors import NumericalError, OutputError, UsageError
 
 EPILOG = """\
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512; papers: 2048)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-data", nargs="+", default=["default"], metavar="SOURCE", help='sources, or "none"')
+    p.add_argument("--max-data-bytes", type=int, default=DEFAULT_MAX_DATA_BYTES, metavar="N", help=MAX_DATA_BYTES_HELP)
     p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per perplexity window (default 1024)")
     p.add_argument("--eval-tokens", type=int, default=16384,
                    help="evaluate on at most this many tokens (default 16384; 0 = all)")
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from .save import WRITTEN
+    # Every message is redacted: a token pasted into a flag (a repository id, say) is not printed.
+    from .save import WRITTEN, redact
 
     written = len(WRITTEN)
     try:
@@ -132,20 +135,23 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args = build_parser().parse_args(argv)
         from .cli import run
+        from .data import max_data_bytes
 
-        run(**{k.replace("-", "_"): v for k, v in vars(args).items() if k != "recipe"}, argv=argv)
+        with max_data_bytes(args.max_data_bytes):
+            run(**{k.replace("-", "_"): v for k, v in vars(args).items() if k not in ("recipe", "max_data_bytes")},
+                argv=argv)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
     except NumericalError as error:
-        print(f"numerical failure: {error}", file=sys.stderr)
+        print(f"numerical failure: {redact(str(error))}", file=sys.stderr)
         return 1
     except OutputError as error:  # disk full, permission lost: no output folder, no temporary left
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a save in progress has removed its temporary folder
         done = WRITTEN[written:]
-        print(f"interrupted; the output folder {str(done[-1])!r} had been written completely" if done
+        print(redact(f"interrupted; the output folder {str(done[-1])!r} had been written completely") if done
               else "interrupted; no output folder was written", file=sys.stderr)
         return 130
     return 0

@@ -142,6 +142,8 @@ _DEFAULT_MAX_CHARS = {"calibration": 1_800_000, "evaluation": 600_000}
 
 # Local text read for one part (calibration or evaluation), in bytes after decompression.
 DEFAULT_MAX_DATA_BYTES = 2 << 30
+MAX_DATA_BYTES_HELP = ("read at most N bytes of local calibration text, and N of evaluation text, counted after "
+                       "decompression (default %(default)s = 2 GiB)")
 _MAX_DATA_BYTES = contextvars.ContextVar("llmprune_max_data_bytes", default=DEFAULT_MAX_DATA_BYTES)
 _READ_CHUNK = 1 << 20
 # Characters with no place to cut (see _encode) before the text is refused: a stretch this long
@@ -440,7 +442,7 @@ def _read_bytes(path: str, budget: _Budget) -> bytes:
     A .gz file is decompressed twice: first only counting (constant memory), so that a small file
     expanding past the cap is refused without holding gigabytes, then to keep the bytes.
     """
-    too_big = lambda: budget.refuse(path)  # noqa: E731
+    too_big = lambda: budget.refuse(path)
     no_nul = _refuse_nul(path)
     with open_regular_file(path) as fh:
         if not path.lower().endswith(".gz"):
@@ -656,7 +658,7 @@ def _preset_dataset(name: str, part: str):
 
     where = ""
     try:
-        with _offline_unless_hub_reachable() as where:
+        with offline_unless_hub_reachable() as where:
             dataset = datasets.load_dataset(
                 spec["path"], spec["name"], data_files=data_files, split=spec["split"][part]
             )
@@ -671,7 +673,7 @@ def _preset_dataset(name: str, part: str):
 
 
 @contextmanager
-def _offline_unless_hub_reachable():
+def offline_unless_hub_reachable():
     """Force offline mode while the Hub cannot be reached; yield the words that explain a failure.
 
     huggingface_hub reads HF_HUB_OFFLINE once at import, so we flip the module flags that

@@ -21,7 +21,8 @@ from .memory import PeakRSS
 from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import base_model_id, load_model
-from .recipes import STAGE_OPTIONS, check_values, explicit_flags, load_recipe, merge, recipe_yaml, stage_kind
+from .recipes import (STAGE_OPTIONS, check_values, explicit_flags, load_recipe, merge, parse_recipe_yaml, recipe_yaml,
+                      stage_kind)
 from .save import check_output_folder, model_card, save_folder
 from .structured import check_structured, prune_structured
 
@@ -46,10 +47,8 @@ def run_recipe_command(argv: list[str], parser) -> dict:
     """``python -m llmprune --recipe FILE [flags]``: check everything, then run."""
     flags = explicit_flags(argv, parser)
     path = flags["recipe"]
-    fields, stages, _ = load_recipe(path, parser)
-    import yaml
-
-    document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    fields, stages, text = load_recipe(path, parser)
+    document = parse_recipe_yaml(text, path)  # the text already checked, not the file read again
     fields, stages, overrides = merge(fields, stages, flags, path)
     check_values(fields, stages, path)
     defaults = {a.dest: a.default for a in parser._actions if a.dest not in ("help", "recipe")}
@@ -60,9 +59,10 @@ def run_recipe_command(argv: list[str], parser) -> dict:
     header = f"# recipe used by llmprune {__version__}: {path}"
     if overrides:
         header += "\n# overridden on the command line: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
-    return run_stages(settings, stages, recipe={"path": str(path), "name": document.get("name") or Path(path).stem,
-                                                "overrides": overrides, "yaml": header + "\n" + used},
-                      argv=argv)
+    with data.max_data_bytes(settings.get("max_data_bytes")):
+        return run_stages(settings, stages, recipe={"path": str(path), "name": document.get("name") or Path(path).stem,
+                                                    "overrides": overrides, "yaml": header + "\n" + used},
+                          argv=argv)
 
 
 def run_stages(settings: dict, stages: list[dict], *, recipe: dict, argv: list[str]) -> dict:

@@ -16,6 +16,12 @@ Stages run in the order structured -> unstructured -> dynamic, at most one of ea
 checked before any work; the first problem is one error line naming the file and the key. A flag
 given on the command line replaces the recipe field of the same name (``--sparsity 0.6`` the
 unstructured stage's sparsity, ``--method sparsegpt`` the unstructured stage's method).
+
+What a recipe may not hold: ``overwrite`` and ``trust_remote_code`` (replacing a folder, running a
+model's own Python: decisions of the person at the command line, who passes ``--overwrite`` or
+``--trust-remote-code`` there, with or without ``--recipe``); YAML aliases (``*name``: a recipe has
+no use for them, and nested ones expand a few hundred bytes into billions of values); more than
+``MAX_RECIPE_BYTES``. Values quoted in error messages are shortened.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import numbers
+import reprlib
 from pathlib import Path
 
 from .errors import UsageError
@@ -39,6 +46,18 @@ DYNAMIC_TYPES = {"early_exit": bool, "token_skip": bool, "max_ppl_increase": flo
                  "exit_layers": "int_list", "lossless": bool}
 NOT_IN_RECIPES = ("recipe", "method", "checkpoint_dir")  # method lives in stages; resuming is per command
 METADATA = ("name", "description")
+# Flags that only the person at the command line can give: a recipe that says them is refused.
+CONSENT_FLAGS = ("overwrite", "trust_remote_code")
+MAX_RECIPE_BYTES = 1 << 20
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 60, 60
+
+
+def _show(value) -> str:
+    """A short repr for error messages: nested and long values are elided, never expanded whole."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def stage_kind(method) -> str | None:
@@ -100,22 +119,58 @@ class RecipeError(UsageError):
     pass
 
 
-def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> tuple[dict, list[dict], str]:
-    """Read and check a recipe: (top-level fields, stages, the file's text). Types and names only;
-    ``check_values`` checks ranges once flags are merged."""
-    import yaml
+def _read_recipe_text(path: str | Path) -> str:
+    """The recipe file's text: a regular file (a FIFO would block), at most MAX_RECIPE_BYTES."""
+    from .data import open_regular_file, read_at_most
 
     where = str(path)
+
+    def too_big():
+        return RecipeError(f"recipe {where}: larger than {MAX_RECIPE_BYTES} bytes; a recipe is a short text file")
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open_regular_file(where, what="recipe") as handle:
+            raw = read_at_most(handle, MAX_RECIPE_BYTES, too_big)
+        return raw.decode("utf-8")
+    except RecipeError:
+        raise
+    except UsageError as error:  # missing, unreadable, or not a regular file: the message names it
+        raise RecipeError(str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"recipe {where}: cannot read it: {getattr(error, 'strerror', None) or error}") from None
+
+
+def parse_recipe_yaml(text: str, where: str):
+    """The YAML document of a recipe, safely: PyYAML's safe constructors, and no aliases at all
+    (a recipe has no use for them; nested ones are a "billion laughs" that expands a few hundred
+    bytes into more values than memory holds). Every problem is one RecipeError."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise RecipeError(f"recipe {where}: YAML aliases (*name, line {mark.line + 1}) are not allowed in "
+                                  f"recipes; write the value out")
+            return super().compose_node(parent, index)
+
     try:
-        document = yaml.safe_load(text)
+        return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise RecipeError(f"recipe {where}: not valid YAML{line}: {getattr(error, 'problem', None) or error}") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())[:200]
+        raise RecipeError(f"recipe {where}: not valid YAML{line}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {where}: nested too deeply") from None
+
+
+def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> tuple[dict, list[dict], str]:
+    """Read and check a recipe: (top-level fields, stages, the file's text). Types and names only;
+    ``check_values`` checks ranges once flags are merged."""
+    where = str(path)
+    text = _read_recipe_text(path)
+    document = parse_recipe_yaml(text, where)
     if not isinstance(document, dict):
         raise RecipeError(f"recipe {where}: expected a mapping of fields at the top, got {type(document).__name__}")
     kinds = _field_types(parser)
@@ -125,29 +180,32 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> tuple[dict
     for key, value in document.items():
         if key == "stages" or key in METADATA:
             continue
+        if key in CONSENT_FLAGS:
+            raise RecipeError(f"recipe {where}: {key}: a recipe may not grant this; pass "
+                              f"--{key.replace('_', '-')} on the command line")
         if not isinstance(key, str) or key not in top_keys:
             hint = (" (it belongs in a stage)" if key in stage_keys or key == "method"
                     else " (not allowed in recipes)" if key in NOT_IN_RECIPES else "")
-            raise RecipeError(f"recipe {where}: unknown key {key!r}{hint}; known: "
+            raise RecipeError(f"recipe {where}: unknown key {_show(key)}{hint}; known: "
                               f"{', '.join(sorted(top_keys | {'stages', *METADATA}))}")
         if not _check_type(value, kinds[key]):
-            raise RecipeError(f"recipe {where}: {key}: expected {_KIND_WORDS[kinds[key]]}, got {value!r}")
+            raise RecipeError(f"recipe {where}: {key}: expected {_KIND_WORDS[kinds[key]]}, got {_show(value)}")
         fields[key] = [value] if kinds[key] == "str_list" and isinstance(value, str) else value
     for key in METADATA:
         if key in document and not isinstance(document[key], str):
-            raise RecipeError(f"recipe {where}: {key}: expected a string, got {document[key]!r}")
+            raise RecipeError(f"recipe {where}: {key}: expected a string, got {_show(document[key])}")
     stages = document.get("stages")
     if not isinstance(stages, list) or not stages:
-        raise RecipeError(f"recipe {where}: stages: expected a non-empty list of stages, got {stages!r}")
+        raise RecipeError(f"recipe {where}: stages: expected a non-empty list of stages, got {_show(stages)}")
     checked, seen = [], []
     for i, stage in enumerate(stages):
         label = f"stages[{i}]"
         if not isinstance(stage, dict):
-            raise RecipeError(f"recipe {where}: {label}: expected a mapping with 'method', got {stage!r}")
+            raise RecipeError(f"recipe {where}: {label}: expected a mapping with 'method', got {_show(stage)}")
         kind = stage_kind(stage.get("method"))
         if kind is None:
             raise RecipeError(f"recipe {where}: {label}.method: expected one of "
-                              f"{', '.join([*UNSTRUCTURED_METHODS, 'structured', 'dynamic'])}, got {stage.get('method')!r}")
+                              f"{', '.join([*UNSTRUCTURED_METHODS, 'structured', 'dynamic'])}, got {_show(stage.get('method'))}")
         for key, value in stage.items():
             if key == "method":
                 continue
@@ -155,7 +213,7 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> tuple[dict
                 raise RecipeError(f"recipe {where}: {label}.{key}: unknown key for a {kind} stage; known: "
                                   f"{', '.join(STAGE_OPTIONS[kind])}")
             if not _check_type(value, kinds.get(key)):
-                raise RecipeError(f"recipe {where}: {label}.{key}: expected {_KIND_WORDS[kinds[key]]}, got {value!r}")
+                raise RecipeError(f"recipe {where}: {label}.{key}: expected {_KIND_WORDS[kinds[key]]}, got {_show(value)}")
         if kind in seen:
             raise RecipeError(f"recipe {where}: {label}: a second {kind} stage (at most one of each)")
         if seen and KINDS.index(kind) < KINDS.index(seen[-1]):
@@ -197,7 +255,7 @@ def merge(fields: dict, stages: list[dict], flags: dict, where: str) -> tuple[di
                 try:
                     value = float(value)
                 except ValueError:
-                    raise RecipeError(f"--sparsity must be a number in [0, 1), got {value!r}") from None
+                    raise RecipeError(f"--sparsity must be a number in [0, 1), got {_show(value)}") from None
             targets = [s for s in stages if stage_kind(s["method"]) == stage_keys[key]]
             if not targets:
                 raise RecipeError(f"--{key.replace('_', '-')}: the recipe {where} has no {stage_keys[key]} stage")
@@ -220,19 +278,20 @@ def check_values(fields: dict, stages: list[dict], where: str) -> None:
         try:
             check()
         except UsageError as error:
-            raise RecipeError(f"recipe {where}: {key}: {error}") from None
+            message = " ".join(str(error).split())
+            raise RecipeError(f"recipe {where}: {key}: {message if len(message) <= 300 else message[:297] + '...'}") from None
 
     if "model" not in fields:
         raise RecipeError(f"recipe {where}: model: missing (give it in the recipe or with --model)")
     for key in ("nsamples", "seqlen", "eval_seqlen", "batch_size"):
         if key in fields and fields[key] < (2 if "seqlen" in key else 1):
-            raise RecipeError(f"recipe {where}: {key}: too small: {fields[key]}")
+            raise RecipeError(f"recipe {where}: {key}: too small: {_show(fields[key])}")
     if fields.get("eval_tokens", 0) < 0:
-        raise RecipeError(f"recipe {where}: eval_tokens: must be >= 0, got {fields['eval_tokens']}")
+        raise RecipeError(f"recipe {where}: eval_tokens: must be >= 0, got {_show(fields['eval_tokens'])}")
     if "device" in fields:
         guard("device", lambda: check_device(fields["device"]))
     if fields.get("dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
-        raise RecipeError(f"recipe {where}: dtype: expected auto, float32, bfloat16 or float16, got {fields['dtype']!r}")
+        raise RecipeError(f"recipe {where}: dtype: expected auto, float32, bfloat16 or float16, got {_show(fields['dtype'])}")
     for i, stage in enumerate(stages):
         label = f"stages[{i}]"
         kind = stage_kind(stage["method"])
@@ -257,7 +316,7 @@ def check_values(fields: dict, stages: list[dict], where: str) -> None:
         else:
             for key in ("max_ppl_increase", "min_agreement"):
                 if stage.get(key) is not None and not stage[key] >= 0:
-                    raise RecipeError(f"recipe {where}: {label}.{key}: must be >= 0, got {stage[key]!r}")
+                    raise RecipeError(f"recipe {where}: {label}.{key}: must be >= 0, got {_show(stage[key])}")
 
 
 def recipe_yaml(fields: dict, stages: list[dict], name: str | None, description: str | None) -> str:
@@ -269,6 +328,6 @@ def recipe_yaml(fields: dict, stages: list[dict], name: str | None, description:
         document["name"] = name
     if description:
         document["description"] = description
-    document.update(fields)
+    document.update({k: v for k, v in fields.items() if k not in CONSENT_FLAGS})  # the command line's alone
     document["stages"] = stages
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=100)
