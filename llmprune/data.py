@@ -265,9 +265,11 @@ def _normalise(sources: Sequence[str] | None) -> list[str]:
 
 
 def check_sources(sources: Sequence[str] | None) -> None:
-    """Refuse, before any work, a source that is neither a file, a folder, a preset nor default."""
+    """Refuse, before any work, a source that is neither a file, a folder, a preset nor default,
+    and a folder holding a data file that is not a regular file (a FIFO, a link to a device)."""
     for source in _normalise(sources):
-        _source_kind(source)
+        if _source_kind(source) == "folder":
+            _folder_files(source)
 
 
 def _source_kind(source: str) -> str:
@@ -343,6 +345,12 @@ class _Budget:
 
 def _folder_texts(folder: str, budget: _Budget) -> list[str]:
     """Documents of every supported file under folder, recursively, sorted by relative path."""
+    return [doc for path in _folder_files(folder) for doc in _file_texts(path, budget)]
+
+
+def _folder_files(folder: str) -> list[str]:
+    """Paths of the supported files under folder, recursively, sorted by relative path; refused
+    (before any is read) unless every one is a regular file."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -352,9 +360,10 @@ def _folder_texts(folder: str, budget: _Budget) -> list[str]:
                 found.append((os.path.relpath(path, folder).replace(os.sep, "/"), path))
     if not found:
         raise UsageError(f"folder {folder!r} holds no {', '.join(sorted(_SUFFIXES))} files")
-    for _, path in sorted(found):  # every file is a regular one before any is read
+    paths = [path for _, path in sorted(found)]
+    for path in paths:  # every file is a regular one before any is read
         _check_regular(path, os.stat, "data file")
-    return [doc for _, path in sorted(found) for doc in _file_texts(path, budget)]
+    return paths
 
 
 def _file_texts(path: str, budget: _Budget) -> list[str]:

@@ -126,13 +126,18 @@ def gzip_bomb(path: Path, expanded: int, unit: bytes) -> Path:
 # ----------------------------------------------------------------------------- data files: kinds
 
 
-def test_fifo_in_calibration_folder_is_refused_at_once(model_dir, sample, work, capsys):
+def test_fifo_in_calibration_folder_is_refused_at_once(model_dir, sample, work, capsys, monkeypatch):
     folder = work / "calib"
     folder.mkdir()
     shutil.copy(sample, folder / "a.txt")
     os.mkfifo(folder / "b.txt")  # nobody ever writes to it: an open() without O_NONBLOCK waits forever
     refused(capsys, prune_argv(model_dir, folder, work / "out"), "b.txt", "FIFO", "regular file",
             within=30, workdir=work)
+    # checked with the other flags, before the model is loaded: a big model would take minutes
+    import llmprune.cli
+
+    monkeypatch.setattr(llmprune.cli, "load_model", lambda *a, **k: pytest.fail("loaded before the data check"))
+    refused(capsys, prune_argv(model_dir, folder, work / "out"), "b.txt", "FIFO", within=30, workdir=work)
 
 
 def test_symlink_to_dev_zero_is_refused(model_dir, sample, work, capsys):
@@ -231,7 +236,7 @@ def test_gzip_bomb_of_zeros_is_refused_at_the_first_chunk(model_dir, tmp_path, w
             "zeros.txt.gz", "NUL", within=10, workdir=work)
 
 
-@pytest.mark.parametrize("command", ["prune", "eval", "sweep"])
+@pytest.mark.parametrize("command", ["prune", "eval", "sweep", "recipe"])
 def test_max_data_bytes_caps_every_command(command, model_dir, sample, work, capsys):
     """The cap is counted after decompression over all local files of a part; each command takes it."""
     def argv(cap: str) -> list[str]:
@@ -240,7 +245,10 @@ def test_max_data_bytes_caps_every_command(command, model_dir, sample, work, cap
                 "sweep": ["sweep", "--model", str(model_dir), "--methods", "wanda", "--sparsities", "0.5",
                           "--calib-data", str(sample), "--eval-data", str(sample), "--nsamples", "2", "--seqlen", "16",
                           "--eval-seqlen", "16", "--output", str(work / "sweep"), "--max-data-bytes", cap,
-                          "--no-progress"]}[command]
+                          "--no-progress"],
+                "recipe": ["--recipe", str(recipe_file(work.parent, VALID_RECIPE.format(model=model_dir, calib=sample)
+                                                       .replace("magnitude", "wanda") + f"max_data_bytes: {cap}\n")),
+                           "--output", str(work / "out")]}[command]
 
     refused(capsys, argv("1000"), "text.txt", "--max-data-bytes 1000", workdir=work)
     refused(capsys, argv("0"), "--max-data-bytes", "positive", workdir=work)
