@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .errors import UsageError
+from .limits import add_max_data_bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +42,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", nargs="+", default=["default"], metavar="SOURCE")
     p.add_argument("--eval-seqlen", type=int, default=1024)
     p.add_argument("--eval-tokens", type=int, default=16384, help="0 = all")
+    add_max_data_bytes(p)
     p.add_argument("--batch-size", type=int, default=1)
     from .methods import METHODS, method_options
     from .options import add_arguments
@@ -72,12 +74,15 @@ def run_sweep_command(argv: list[str]) -> int:
     given = vars(args)
     options = {name: check_values(method_options(name), given) for name in METHODS}
     output = args.output or default_output(args.model)
-    results = run_sweep(args.model, runs, output=output, calib_data=args.calib_data, eval_data=args.eval_data,
-                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_seqlen=args.eval_seqlen,
-                        eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype,
-                        batch_size=args.batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                        overwrite=args.overwrite, progress=not args.no_progress,
-                        trust_remote_code=args.trust_remote_code, method_options=options)
+    from .data import max_data_bytes
+
+    with max_data_bytes(args.max_data_bytes):
+        results = run_sweep(args.model, runs, output=output, calib_data=args.calib_data, eval_data=args.eval_data,
+                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_seqlen=args.eval_seqlen,
+                            eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype,
+                            batch_size=args.batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                            overwrite=args.overwrite, progress=not args.no_progress,
+                            trust_remote_code=args.trust_remote_code, method_options=options)
     print("\nllmprune sweep\n" + format_summary(results))
     print(f"wrote {output}/sweep.md, sweep.json, sweep.png")
     return 0
@@ -98,7 +103,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
     p.add_argument("--limit", type=float, default=None, help="lm_eval: examples per task (or fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm_eval: few-shot examples")
-    p.add_argument("--include-path", default=None, metavar="DIR", help="lm_eval: a folder of extra task YAMLs")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="lm_eval: a folder of extra task YAMLs (they can run Python: needs --trust-remote-code)")
+    add_max_data_bytes(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
     _common(p)
@@ -106,7 +113,6 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def run_eval_command(argv: list[str]) -> int:
-    import json
     import time
 
     args = eval_parser().parse_args(argv)
@@ -118,30 +124,50 @@ def run_eval_command(argv: list[str]) -> int:
         raise UsageError("nothing to measure: --eval-data none without --speed or --tasks")
     from . import data
     from .api import check_device
-    from .evaluate import count_parameters, measure_speed, perplexity, tokenizer_adds_bos, weight_bytes
-    from .harness import INSTALL_HINT, lm_eval_available
+    from .evaluate import (
+        check_finite_weights,
+        count_parameters,
+        measure_speed,
+        perplexity,
+        tokenizer_adds_bos,
+        weight_bytes,
+    )
+    from .harness import (
+        INSTALL_HINT,
+        check_include_path,
+        lm_eval_available,
+        prepare_tasks,
+    )
     from .models.loading import load_model
+    from .jsonreport import check_report_path, write_json_report
 
     if tasks and not lm_eval_available():  # before loading anything
         raise UsageError(f"--tasks needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
+    check_include_path(args.include_path, args.trust_remote_code)
+    if args.json:
+        check_report_path(args.json)
+    data.check_max_bytes(args.max_data_bytes)
     compute = check_device(args.device)
     from .job import resolve_dtype
 
     dtype = resolve_dtype(args.dtype, compute)
     if sources is not None:
         data.check_sources(sources)
+    task_plan = prepare_tasks(tasks, args.include_path) if tasks else None  # names and data, before measuring
     if args.no_progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    check_finite_weights(model)
     model.to(compute)
     results = {"model": args.model, "device": str(compute), "dtype": dtype,
                "parameters": count_parameters(model), "weight_bytes": weight_bytes(model)}
     rows = [("model", args.model), ("parameters", f"{results['parameters']['nonzero']:,} nonzero of "
                                                    f"{results['parameters']['parameters']:,}")]
     if sources is not None:
-        ids = data.evaluation_ids(tokenizer, sources, args.tokens or None, args.seqlen, flag="--eval-seqlen")
+        ids = data.evaluation_ids(tokenizer, sources, args.tokens or None, args.seqlen, flag="--eval-seqlen",
+                                  max_bytes=args.max_data_bytes)
         bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
         ppl = perplexity(model, ids, args.seqlen, bos, compute, not args.no_progress).as_dict()
         results["perplexity"] = {**ppl, "data": list(sources)}
@@ -155,15 +181,13 @@ def run_eval_command(argv: list[str]) -> int:
 
         started = time.perf_counter()
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-        results["tasks"] = run_tasks(model, tokenizer, tasks, device=compute, limit=limit,
-                                     num_fewshot=args.num_fewshot, include_path=args.include_path, seed=args.seed)
+        results["tasks"] = run_tasks(model, tokenizer, task_plan, device=compute, limit=limit,
+                                     num_fewshot=args.num_fewshot, seed=args.seed)
         results["tasks_seconds"] = time.perf_counter() - started
         for task, metrics in results["tasks"].items():
             rows.append((task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
     if args.json:
-        from pathlib import Path
-
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_json_report(args.json, results)
     from .report import format_rows
 
     print("\nllmprune eval\n" + format_rows(rows), flush=True)

@@ -24,6 +24,15 @@ the papers. ``c4`` instead follows the papers' document sampling: a random docum
 Evaluation: the documents joined with ``"\\n\\n"`` (for every source: our declared protocol),
 tokenised once without special tokens, truncated to ``max_tokens``.
 
+Bounds on local files: only regular files are read (a FIFO, a device, a socket, or a symbolic
+link to one is refused before it is opened in a way that could block); all local files of one
+part together may hold at most ``max_bytes`` bytes of text after decompression (default
+``DEFAULT_MAX_DATA_BYTES``, 2 GiB: far above any calibration corpus; the CLI's
+``--max-data-bytes``); a ``.gz`` file is first decompressed without keeping anything, to count,
+so a small file that expands to gigabytes is refused in seconds with constant memory; and text
+with a stretch of more than ``MAX_UNCUT_CHARS`` characters that offers no place to cut it into
+tokenizer-sized pieces is refused instead of being handed to the tokenizer whole.
+
 Offline behaviour of presets: huggingface_hub retries an unreachable Hub five times with
 backoff (about 23 s measured here, with no setting to shorten it). So unless the user already
 set ``HF_HUB_OFFLINE``, we first try a TCP connection to the Hub endpoint (3 s timeout; skipped
@@ -34,6 +43,7 @@ uses the local datasets cache or fails in milliseconds. Either failure is one ``
 from __future__ import annotations
 
 import ast
+import contextvars
 import functools
 import gc
 import gzip
@@ -42,6 +52,7 @@ import itertools
 import json
 import os
 import re
+import stat
 import sysconfig
 import warnings
 import zlib
@@ -51,6 +62,7 @@ from typing import Sequence
 import torch
 
 from llmprune.errors import UsageError
+from llmprune.limits import MAX_DATA_BYTES
 from llmprune.hub import hub_reachable as _hub_reachable
 
 DEFAULT_SOURCE = "default"
@@ -129,6 +141,14 @@ _EVAL_BUCKETS = 5  # 1 file in 5 (by sha256 of its relative path) goes to evalua
 # bite on interpreters with more docstrings and keep tokenising under ~2 s.
 _DEFAULT_MAX_CHARS = {"calibration": 1_800_000, "evaluation": 600_000}
 
+# Local text read for one part (calibration or evaluation), in bytes after decompression.
+DEFAULT_MAX_DATA_BYTES = MAX_DATA_BYTES.default
+_MAX_DATA_BYTES = contextvars.ContextVar("llmprune_max_data_bytes", default=DEFAULT_MAX_DATA_BYTES)
+_READ_CHUNK = 1 << 20
+# Characters with no place to cut (see _encode) before the text is refused: a stretch this long
+# costs the tokenizer ~1 s; 200 MB of one "word" makes the Rust tokenizer abort the process.
+MAX_UNCUT_CHARS = 1 << 20
+
 # A document must yield seqlen tokens within this many random draws (c4 document sampling).
 _MIN_DRAWS = 10_000
 _DRAWS_PER_SAMPLE = 200
@@ -137,13 +157,38 @@ _DRAWS_PER_SAMPLE = 200
 # ----------------------------------------------------------------------------- public API
 
 
-def load_texts(sources: Sequence[str] | None, part: str) -> list[str]:
+def load_texts(sources: Sequence[str] | None, part: str, max_bytes: int | None = None) -> list[str]:
     """Documents of ``part`` ("calibration" or "evaluation") from every source, in order."""
-    return [doc for _, docs, _ in _segments(sources, part) for doc in docs]
+    return [doc for _, docs, _ in _segments(sources, part, max_bytes) for doc in docs]
+
+
+def check_max_bytes(max_bytes) -> int:
+    """The cap on local data (bytes of text after decompression), or a one-line UsageError."""
+    if not _is_int(max_bytes) or max_bytes < 1:
+        raise UsageError(f"--max-data-bytes must be a positive number of bytes, got {max_bytes!r}")
+    return max_bytes
+
+
+@contextmanager
+def max_data_bytes(max_bytes: int | None):
+    """Within the block, local data is read up to ``max_bytes`` bytes per part (None: unchanged).
+
+    The command line sets the cap once around a whole run, so that no function between the
+    flag and the file reader needs a parameter for it; an explicit ``max_bytes`` argument of
+    ``load_texts``, ``calibration_ids`` or ``evaluation_ids`` wins over it.
+    """
+    if max_bytes is None:
+        yield
+        return
+    token = _MAX_DATA_BYTES.set(check_max_bytes(max_bytes))
+    try:
+        yield
+    finally:
+        _MAX_DATA_BYTES.reset(token)
 
 
 def calibration_ids(
-    tokenizer, sources: Sequence[str] | None, nsamples: int, seqlen: int, seed: int
+    tokenizer, sources: Sequence[str] | None, nsamples: int, seqlen: int, seed: int, max_bytes: int | None = None
 ) -> torch.LongTensor:
     """[nsamples, seqlen] token ids: nsamples random windows of seqlen tokens, reproducible from seed."""
     if not _is_int(nsamples) or nsamples < 1:
@@ -164,11 +209,11 @@ def calibration_ids(
             )
         return _document_windows(tokenizer, sampled[0], nsamples, seqlen, generator)
 
-    segments = _segments(names, "calibration")
+    segments = _segments(names, "calibration", max_bytes)
     label = ", ".join(label for label, _, _ in segments)
     # Each source joined with its own joiner, sources joined with "\n\n"; one tokenisation.
     text = "\n\n".join(joiner.join(docs) for _, docs, joiner in segments)
-    ids = _encode(tokenizer, text)  # [T]
+    ids = _encode(tokenizer, text, what=f"calibration text from {label}")  # [T]
     if ids.numel() < seqlen:
         raise UsageError(
             f"calibration text from {label} has {ids.numel()} tokens, fewer than one window of "
@@ -182,15 +227,16 @@ def calibration_ids(
 
 
 def evaluation_ids(tokenizer, sources: Sequence[str] | None, max_tokens: int | None, window: int | None = None,
-                   flag: str = "--eval-seqlen") -> torch.LongTensor:
+                   flag: str = "--eval-seqlen", max_bytes: int | None = None) -> torch.LongTensor:
     """[T] token ids: the evaluation texts joined with "\\n\\n", tokenised once, truncated to max_tokens;
     refused when shorter than one perplexity window of ``window`` tokens (named by ``flag``)."""
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 2):
         raise UsageError(f"evaluation needs max_tokens >= 2 (or none), got {max_tokens!r}")
-    segments = _segments(sources, "evaluation")
+    segments = _segments(sources, "evaluation", max_bytes)
     label = ", ".join(label for label, _, _ in segments)
     text = "\n\n".join(doc for _, docs, _ in segments for doc in docs)
-    ids = _encode(tokenizer, text)  # [T], tokenised once: no boundary effects between documents
+    # [T], tokenised once: no boundary effects between documents
+    ids = _encode(tokenizer, text, what=f"evaluation text from {label}")
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.numel() < 2:
@@ -218,9 +264,11 @@ def _normalise(sources: Sequence[str] | None) -> list[str]:
 
 
 def check_sources(sources: Sequence[str] | None) -> None:
-    """Refuse, before any work, a source that is neither a file, a folder, a preset nor default."""
+    """Refuse, before any work, a source that is neither a file, a folder, a preset nor default,
+    and a folder holding a data file that is not a regular file (a FIFO, a link to a device)."""
     for source in _normalise(sources):
-        _source_kind(source)
+        if _source_kind(source) == "folder":
+            _folder_files(source)
 
 
 def _source_kind(source: str) -> str:
@@ -243,10 +291,12 @@ def _source_kind(source: str) -> str:
     )
 
 
-def _segments(sources: Sequence[str] | None, part: str) -> list[tuple[str, list[str], str]]:
+def _segments(sources: Sequence[str] | None, part: str,
+              max_bytes: int | None = None) -> list[tuple[str, list[str], str]]:
     """(label, documents, calibration joiner) for each source, in the order given."""
     if part not in PARTS:
         raise UsageError(f"data part must be 'calibration' or 'evaluation', got {part!r}")
+    budget = _Budget(check_max_bytes(max_bytes) if max_bytes is not None else _MAX_DATA_BYTES.get())
     out = []
     for source in _normalise(sources):
         kind = _source_kind(source)
@@ -255,9 +305,9 @@ def _segments(sources: Sequence[str] | None, part: str) -> list[tuple[str, list[
         elif kind == "preset":
             out.append((f"preset {source!r}", _preset_texts(source, part), PRESETS[source]["joiner"]))
         elif kind == "folder":
-            out.append((f"folder {source!r}", _folder_texts(source), "\n\n"))
+            out.append((f"folder {source!r}", _folder_texts(source, budget), "\n\n"))
         else:
-            out.append((f"file {source!r}", _file_texts(source), "\n\n"))
+            out.append((f"file {source!r}", _file_texts(source, budget), "\n\n"))
     return out
 
 
@@ -269,8 +319,37 @@ def _looks_like_path(source: str) -> bool:
 # ----------------------------------------------------------------------------- local files
 
 
-def _folder_texts(folder: str) -> list[str]:
+class _Budget:
+    """Bytes of local text (after decompression) that one part may still read."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.limit - self.used
+
+    def refuse(self, path: str):
+        return UsageError(
+            f"data file {path!r} takes the local data past --max-data-bytes {self.limit} (bytes of text "
+            f"after decompression, all files of the part together): a decompression bomb, or raise the cap"
+        )
+
+    def take(self, nbytes: int, path: str) -> None:
+        if nbytes > self.remaining:
+            raise self.refuse(path)
+        self.used += nbytes
+
+
+def _folder_texts(folder: str, budget: _Budget) -> list[str]:
     """Documents of every supported file under folder, recursively, sorted by relative path."""
+    return [doc for path in _folder_files(folder) for doc in _file_texts(path, budget)]
+
+
+def _folder_files(folder: str) -> list[str]:
+    """Paths of the supported files under folder, recursively, sorted by relative path; refused
+    (before any is read) unless every one is a regular file."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -280,33 +359,123 @@ def _folder_texts(folder: str) -> list[str]:
                 found.append((os.path.relpath(path, folder).replace(os.sep, "/"), path))
     if not found:
         raise UsageError(f"folder {folder!r} holds no {', '.join(sorted(_SUFFIXES))} files")
-    return [doc for _, path in sorted(found) for doc in _file_texts(path)]
+    paths = [path for _, path in sorted(found)]
+    for path in paths:  # every file is a regular one before any is read
+        _check_regular(path, os.stat, "data file")
+    return paths
 
 
-def _file_texts(path: str) -> list[str]:
+def _file_texts(path: str, budget: _Budget) -> list[str]:
     """Documents of one local file, by suffix."""
     lower = path.lower()
     if lower.endswith((".txt", ".txt.gz")):
-        text = _read_text(path)
+        text = _read_text(path, budget)
         if not text.strip():
             raise UsageError(f"data file {path!r} is empty")
         return [text]
     if lower.endswith((".jsonl", ".jsonl.gz")):
-        return _jsonl_texts(path)
+        return _jsonl_texts(path, budget)
     if lower.endswith(".parquet"):
-        return _parquet_texts(path)
+        return _parquet_texts(path, budget)
     raise UsageError(f"data file {path!r} has an unsupported type; use {', '.join(sorted(_SUFFIXES))}")
 
 
-def _read_text(path: str) -> str:
-    """The UTF-8 text of a file, gunzipped when its name ends in .gz."""
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _check_regular(path: str, stat_call, what: str) -> os.stat_result:
+    """``stat_call(path)`` (os.stat, or os.fstat of an open descriptor), refused unless it is a
+    regular file; the message names the kind, and the link's target when path is a symlink."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        if path.lower().endswith(".gz"):
-            raw = gzip.decompress(raw)
+        status = stat_call(path)
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path!r}: {_reason(e)}") from e
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((words for test, words in _FILE_KINDS if test(status.st_mode)), "not a plain file")
+        name = path if isinstance(path, str) else "(open file)"
+        via = f" (a link to {os.path.realpath(name)!r})" if isinstance(path, str) and os.path.islink(path) else ""
+        raise UsageError(f"{what} {name!r}{via} is {kind}, not a regular file: only regular files are read")
+    return status
+
+
+def open_regular_file(path: str, what: str = "data file"):
+    """``path`` opened for binary reading, only if it is a regular file (after symbolic links).
+
+    Checked before opening (os.stat) and again on the open descriptor (the path may have been
+    swapped in between); O_NONBLOCK makes even that open return at once on a FIFO, where a
+    plain open would wait for a writer forever.
+    """
+    _check_regular(path, os.stat, what)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path!r}: {_reason(e)}") from e
+    try:
+        _check_regular(fd, os.fstat, what)
+    except UsageError:
+        os.close(fd)
+        raise UsageError(f"{what} {path!r} is not a regular file any more: only regular files are read") from None
+    os.set_blocking(fd, True)  # reads of a regular file never block; the flag was for the open only
+    return os.fdopen(fd, "rb")
+
+
+def read_at_most(stream, limit: int, on_too_big, check=None) -> bytes:
+    """All of a binary stream, in 1 MiB chunks, raising ``on_too_big()`` once it passes ``limit``
+    bytes (so memory stays below limit + 1 MiB); ``check(chunk)`` may refuse a chunk early."""
+    chunks, total = [], 0
+    while True:
+        chunk = stream.read(min(_READ_CHUNK, limit - total + 1))
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise on_too_big()
+        if check is not None:
+            check(chunk)
+        chunks.append(chunk)
+
+
+def _refuse_nul(path: str):
+    def check(chunk: bytes) -> None:
+        if b"\x00" in chunk:
+            raise UsageError(f"data file {path!r} contains NUL bytes: is it binary?")
+    return check
+
+
+def _read_bytes(path: str, budget: _Budget) -> bytes:
+    """The bytes of a local file, gunzipped when its name ends in .gz, within the budget.
+
+    A .gz file is decompressed twice: first only counting (constant memory), so that a small file
+    expanding past the cap is refused without holding gigabytes, then to keep the bytes.
+    """
+    too_big = lambda: budget.refuse(path)
+    no_nul = _refuse_nul(path)
+    with open_regular_file(path) as fh:
+        if not path.lower().endswith(".gz"):
+            if os.fstat(fh.fileno()).st_size > budget.remaining:
+                raise too_big()
+            return read_at_most(fh, budget.remaining, too_big, no_nul)
+        with gzip.GzipFile(fileobj=fh, mode="rb") as counting:
+            total = 0
+            while chunk := counting.read(_READ_CHUNK):
+                total += len(chunk)
+                if total > budget.remaining:
+                    raise too_big()
+                no_nul(chunk)
+        fh.seek(0)
+        with gzip.GzipFile(fileobj=fh, mode="rb") as stream:
+            return read_at_most(stream, budget.remaining, too_big, no_nul)
+
+
+def _read_text(path: str, budget: _Budget) -> str:
+    """The UTF-8 text of a file, gunzipped when its name ends in .gz; counted against the budget."""
+    try:
+        raw = _read_bytes(path, budget)
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         raise UsageError(f"cannot read data file {path!r}: {_reason(e)}") from e
+    budget.take(len(raw), path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -316,11 +485,11 @@ def _read_text(path: str) -> str:
     return text.removeprefix("\ufeff")  # a byte-order mark is not text
 
 
-def _jsonl_texts(path: str) -> list[str]:
+def _jsonl_texts(path: str, budget: _Budget) -> list[str]:
     """The ``text`` field of every JSON line; blank lines are skipped."""
     docs = []
     # Split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings.
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+    for lineno, line in enumerate(_read_text(path, budget).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -337,21 +506,45 @@ def _jsonl_texts(path: str) -> list[str]:
     return docs
 
 
-def _parquet_texts(path: str) -> list[str]:
-    """The ``text`` column of a parquet file; null rows are skipped."""
+def _parquet_texts(path: str, budget: _Budget) -> list[str]:
+    """The ``text`` column of a parquet file; null rows are skipped.
+
+    Bounded twice: the column's uncompressed size in the file's metadata must fit the budget
+    before anything is read, and each batch is read dictionary-encoded, its decoded size
+    (sum of the referenced values' lengths) counted before its strings are made, so a value
+    repeated a million times through a dictionary is refused rather than materialised.
+    """
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    docs = []
     try:
-        schema = pq.read_schema(path)
-        if "text" not in schema.names:
-            raise UsageError(f"data file {path!r} has no 'text' column (columns: {', '.join(schema.names)})")
-        column = pq.read_table(path, columns=["text"]).column("text")
+        with open_regular_file(path) as fh:
+            parquet = pq.ParquetFile(fh)
+            names = parquet.schema_arrow.names
+            if "text" not in names:
+                raise UsageError(f"data file {path!r} has no 'text' column (columns: {', '.join(names)})")
+            field = parquet.schema_arrow.field("text").type
+            value_type = field.value_type if pa.types.is_dictionary(field) else field
+            if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
+                raise UsageError(f"data file {path!r}: column 'text' holds {value_type}, not strings")
+            column = names.index("text")
+            meta = parquet.metadata
+            stored = sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
+            if stored > budget.remaining:
+                raise budget.refuse(path)
+            parquet = pq.ParquetFile(fh, read_dictionary=["text"])
+            for batch in parquet.iter_batches(batch_size=4096, columns=["text"]):
+                values = batch.column(0)
+                if pa.types.is_dictionary(values.type):
+                    lengths = pc.take(pc.binary_length(values.dictionary), values.indices)
+                else:
+                    lengths = pc.binary_length(values)
+                budget.take(pc.sum(lengths).as_py() or 0, path)
+                docs.extend(d for d in values.to_pylist() if d is not None)
     except (pa.ArrowException, OSError) as e:
         raise UsageError(f"data file {path!r} is not a readable parquet file: {_reason(e)}") from e
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise UsageError(f"data file {path!r}: column 'text' holds {column.type}, not strings")
-    docs = [d for d in column.to_pylist() if d is not None]
     if not any(d.strip() for d in docs):
         raise UsageError(f"data file {path!r} is empty (no text in its 'text' column)")
     return docs
@@ -473,7 +666,7 @@ def _preset_dataset(name: str, part: str):
 
     where = ""
     try:
-        with _offline_unless_hub_reachable() as where:
+        with offline_unless_hub_reachable() as where:
             dataset = datasets.load_dataset(
                 spec["path"], spec["name"], data_files=data_files, split=spec["split"][part]
             )
@@ -488,7 +681,7 @@ def _preset_dataset(name: str, part: str):
 
 
 @contextmanager
-def _offline_unless_hub_reachable():
+def offline_unless_hub_reachable():
     """Force offline mode while the Hub cannot be reached; yield the words that explain a failure.
 
     huggingface_hub reads HF_HUB_OFFLINE once at import, so we flip the module flags that
@@ -541,7 +734,8 @@ def _document_windows(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _encode(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.LongTensor:
+def _encode(tokenizer, text: str, chunk_chars: int = 1 << 16, what: str = "the text",
+            max_uncut_chars: int = MAX_UNCUT_CHARS) -> torch.LongTensor:
     """[T] ids of text, no special tokens (no BOS in the middle of windows): the ids one
     tokeniser call on the whole text gives, computed piece by piece.
 
@@ -552,13 +746,25 @@ def _encode(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.LongTenso
     side of the cut as one piece gives the same ids as the two halves (for byte-level BPE a cut
     before " word" is a pre-token boundary; a tokeniser that adds a prefix space or reads across
     words fails the check and is left uncut).
+
+    A stretch of more than ``max_uncut_chars`` characters without a single candidate cut (no white
+    space before a letter: a 200 MB "word", base64, digits) is refused with a UsageError naming
+    ``what``: handed to the tokenizer whole it costs ~1 us per character and, at hundreds of
+    megabytes, aborts the process inside the Rust tokenizer.
     """
-    pieces, start, lo = [], 0, chunk_chars
+    pieces, start, lo, bare = [], 0, chunk_chars, 0
     while len(text) - lo > chunk_chars:  # look for a cut in [lo, lo + chunk_chars)
         cut = _safe_cut(tokenizer, text, lo, lo + chunk_chars)
         if cut is None:  # none here: this stretch joins the current piece
+            bare = bare + chunk_chars if _CUT.search(text, lo, lo + chunk_chars) is None else 0
+            if bare > max_uncut_chars:
+                raise UsageError(
+                    f"{what} has more than {max_uncut_chars:,} characters in a row (before character "
+                    f"{lo + chunk_chars:,}) with no white space before a letter, so it cannot be cut into "
+                    f"pieces a tokenizer can take: is it text?")
             lo += chunk_chars
             continue
+        bare = 0
         pieces.append(torch.tensor(_encode_piece(tokenizer, text[start:cut]), dtype=torch.long))
         start, lo = cut, cut + chunk_chars
     pieces.append(torch.tensor(_encode_piece(tokenizer, text[start:]), dtype=torch.long))

@@ -6,6 +6,10 @@ tail is dropped, as in the SparseGPT/Wanda evaluation); when the tokenizer itsel
 token to encoded text (i.e. the model was trained expecting one), BOS is prepended to every
 window so all ``seqlen`` tokens are predicted, otherwise the first token of each window is
 context only. Perplexity = exp(total NLL / number of predicted tokens), summed in float64.
+
+A window whose loss is NaN or infinite (finite logits always give a finite loss) stops the
+measurement with a NumericalError naming the first module whose output went non-finite, as
+pruning does: a model with NaN weights has no perplexity, and ``nan`` is not one to report.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .errors import NumericalError
 
 
 @dataclass
@@ -67,11 +73,51 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, bos_token
         window = window.unsqueeze(0).to(device)  # [1, seqlen (+1)]
         logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()  # [positions, vocab]
         targets = window[0, 1:]
-        nll_sum += F.cross_entropy(logits, targets, reduction="sum").double().item()
+        nll = F.cross_entropy(logits, targets, reduction="sum").double().item()
+        if not math.isfinite(nll):
+            raise NumericalError(f"non-finite values (NaN or inf) in {first_non_finite_module(model, window)} "
+                                 f"(perplexity window {w})")
+        nll_sum += nll
         predicted += targets.numel()
-    return Perplexity(perplexity=math.exp(nll_sum / predicted), nll_sum=nll_sum, predicted_tokens=predicted,
+    mean = nll_sum / predicted
+    return Perplexity(perplexity=math.exp(mean) if mean < 709 else math.inf, nll_sum=nll_sum, predicted_tokens=predicted,
                       windows=windows, seqlen=seqlen, bos_prepended=bos_token_id is not None,
                       seconds=time.perf_counter() - started)
+
+
+@torch.no_grad()
+def first_non_finite_module(model: nn.Module, input_ids: torch.Tensor) -> str:
+    """The first module, in the order modules finish, whose output holds NaN/inf when the model
+    runs on input_ids ([1, T]); "the model's output" when every module's own output is finite."""
+    found = []
+
+    def hook(name):
+        def check(module, args, output):
+            tensor = output[0] if isinstance(output, (tuple, list)) and output else output
+            if (not found and isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                    and not torch.isfinite(tensor).all()):
+                found.append(name)
+        return check
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in model.named_modules() if name]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else "the model's output"
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite weight (a NumericalError naming the first parameter):
+    every measurement of it would be NaN."""
+    from .placement import stored_tensor
+
+    for name, parameter in model.named_parameters():
+        if parameter.is_meta:  # offloaded by an accelerate device map: read it from the store
+            parameter = stored_tensor(model, name)
+        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+            raise NumericalError(f"non-finite values (NaN or inf) in the weights of {name}")
 
 
 def count_parameters(model: nn.Module) -> dict:

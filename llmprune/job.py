@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import report as reports
 from .errors import UsageError
+from .limits import MAX_DATA_BYTES
 from .options import Option
 
 RUN_OPTIONS = (
@@ -25,10 +26,12 @@ RUN_OPTIONS = (
     Option("seqlen", int, 512, "tokens per calibration window (default 512; papers: 2048)", minimum=2),
     Option("seed", int, 0, "seed of the calibration windows"),
     Option("eval_data", "str_list", ["default"], 'perplexity sources, or "none"'),
+    MAX_DATA_BYTES,
     Option("eval_seqlen", int, 1024, "tokens per perplexity window (default 1024)", minimum=2),
     Option("eval_tokens", int, 16384, "evaluate on at most this many tokens (default 16384; 0 = all)", minimum=0),
     Option("output", str, None, "output folder (default: pruned/<model>-<method>-<settings>)"),
-    Option("overwrite", bool, False, "replace a non-empty output folder"),
+    Option("overwrite", bool, False, "replace an empty output folder or one an earlier llmprune run wrote (it holds "
+           "llmprune.json); never any other folder", in_recipes=False),
     Option("device", str, "auto", "cpu | cuda | cuda:N | auto (default: cuda if available)"),
     Option("dtype", str, "auto", "auto | float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)",
            choices=("auto", "float32", "bfloat16", "float16")),
@@ -52,7 +55,7 @@ RUN_OPTIONS = (
     Option("push_to_hub", str, None, "upload the output folder to this Hugging Face Hub repository (token: HF_TOKEN "
            "or `hf auth login`); the local folder is written first and kept either way", metavar="REPO_ID"),
     Option("private", bool, False, "with --push-to-hub: create the repository private"),
-    Option("trust_remote_code", bool, False, "allow a model folder's own Python code"),
+    Option("trust_remote_code", bool, False, "allow a model folder's own Python code", in_recipes=False),
     Option("no_progress", bool, False, "no progress bars"),
 )
 PLACEMENT_OPTIONS = ("device_map", "max_memory", "offload_folder", "stream", "activations_on_disk", "force")
@@ -320,7 +323,14 @@ def apply_stages(spec: RunSpec, run: Loaded, checkpoints: list) -> list:
 
 
 def run(spec: RunSpec) -> dict:
-    """Execute a run spec; returns its report (llmprune.json)."""
+    """Execute a run spec; returns its report (llmprune.json). Local data is read under the run's cap."""
+    from .data import max_data_bytes
+
+    with max_data_bytes(spec.max_data_bytes):
+        return _run(spec)
+
+
+def _run(spec: RunSpec) -> dict:
     started = time.perf_counter()
     prepared = prepare(spec)
     folder = target_folder(spec)

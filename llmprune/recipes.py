@@ -17,35 +17,89 @@ Stages run in the order structured -> unstructured -> dynamic, at most one of ea
 checked before any work; the first problem is one error line naming the file and the key. A flag
 given on the command line replaces the recipe field of the same name (``--sparsity 0.6`` the
 unstructured stage's sparsity, ``--method sparsegpt`` the unstructured stage's method).
+
+What a recipe may not hold: ``overwrite`` and ``trust_remote_code`` (replacing a folder, running a
+model's own Python: decisions of the person at the command line, who passes ``--overwrite`` or
+``--trust-remote-code`` there, with or without ``--recipe``); YAML aliases (``*name``: a recipe has
+no use for them, and nested ones expand a few hundred bytes into billions of values); more than
+``MAX_RECIPE_BYTES``. Values quoted in error messages are shortened.
 """
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 
 from .errors import UsageError
 from .options import _KIND_WORDS
 
 METADATA = ("name", "description")
+# Flags that only the person at the command line can give: a recipe that says them is refused.
+CONSENT_FLAGS = ("overwrite", "trust_remote_code")
+MAX_RECIPE_BYTES = 1 << 20
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 60, 60
+
+
+def _show(value) -> str:
+    """A short repr for error messages: nested and long values are elided, never expanded whole."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 class RecipeError(UsageError):
     pass
 
 
-def _read(path) -> dict:
-    import yaml
+def _read_recipe_text(path: str | Path) -> str:
+    """The recipe file's text: a regular file (a FIFO would block), at most MAX_RECIPE_BYTES."""
+    from .data import open_regular_file, read_at_most
+
+    where = str(path)
+
+    def too_big():
+        return RecipeError(f"recipe {where}: larger than {MAX_RECIPE_BYTES} bytes; a recipe is a short text file")
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open_regular_file(where, what="recipe") as handle:
+            raw = read_at_most(handle, MAX_RECIPE_BYTES, too_big)
+        return raw.decode("utf-8")
+    except RecipeError:
+        raise
+    except UsageError as error:  # missing, unreadable, or not a regular file: the message names it
+        raise RecipeError(str(error)) from None
     except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(f"recipe {path}: cannot read it: {getattr(error, 'strerror', None) or error}") from None
+        raise RecipeError(f"recipe {where}: cannot read it: {getattr(error, 'strerror', None) or error}") from None
+
+
+def parse_recipe_yaml(text: str, where: str):
+    """The YAML document of a recipe, safely: PyYAML's safe constructors, and no aliases at all
+    (a recipe has no use for them; nested ones are a "billion laughs" that expands a few hundred
+    bytes into more values than memory holds). Every problem is one RecipeError."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise RecipeError(f"recipe {where}: YAML aliases (*name, line {mark.line + 1}) are not allowed in "
+                                  f"recipes; write the value out")
+            return super().compose_node(parent, index)
+
     try:
-        document = yaml.safe_load(text)
+        return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise RecipeError(f"recipe {path}: not valid YAML{line}: {getattr(error, 'problem', None) or error}") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())[:200]
+        raise RecipeError(f"recipe {where}: not valid YAML{line}: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {where}: nested too deeply") from None
+
+
+def _read(path) -> dict:
+    document = parse_recipe_yaml(_read_recipe_text(path), str(path))
     if not isinstance(document, dict):
         raise RecipeError(f"recipe {path}: expected a mapping of fields at the top, got {type(document).__name__}")
     return document
@@ -61,16 +115,19 @@ def _top_fields(document: dict, where: str) -> dict:
     for key, value in document.items():
         if key == "stages" or key in METADATA:
             continue
+        if key in CONSENT_FLAGS:
+            raise RecipeError(f"recipe {where}: {key}: a recipe may not grant this; pass "
+                              f"--{key.replace('_', '-')} on the command line")
         if not isinstance(key, str) or key not in known:
             hint = " (it belongs in a stage)" if key in stage_keys or key == "method" else ""
-            raise RecipeError(f"recipe {where}: unknown key {key!r}{hint}; known: "
+            raise RecipeError(f"recipe {where}: unknown key {_show(key)}{hint}; known: "
                               f"{', '.join(sorted({*known, 'stages', *METADATA}))}")
         if not known[key].has_type(value):
-            raise RecipeError(f"recipe {where}: {key}: expected {_KIND_WORDS[known[key].type]}, got {value!r}")
+            raise RecipeError(f"recipe {where}: {key}: expected {_KIND_WORDS[known[key].type]}, got {_show(value)}")
         fields[key] = value
     for key in METADATA:
         if key in document and not isinstance(document[key], str):
-            raise RecipeError(f"recipe {where}: {key}: expected a string, got {document[key]!r}")
+            raise RecipeError(f"recipe {where}: {key}: expected a string, got {_show(document[key])}")
     return fields
 
 
@@ -81,16 +138,16 @@ def _stage_entries(document: dict, where: str) -> list[dict]:
 
     stages = document.get("stages")
     if not isinstance(stages, list) or not stages:
-        raise RecipeError(f"recipe {where}: stages: expected a non-empty list of stages, got {stages!r}")
+        raise RecipeError(f"recipe {where}: stages: expected a non-empty list of stages, got {_show(stages)}")
     seen = []
     for i, stage in enumerate(stages):
         label = f"stages[{i}]"
         if not isinstance(stage, dict):
-            raise RecipeError(f"recipe {where}: {label}: expected a mapping with 'method', got {stage!r}")
+            raise RecipeError(f"recipe {where}: {label}: expected a mapping with 'method', got {_show(stage)}")
         cls = stage_class(stage.get("method"))
         if cls is None:
             raise RecipeError(f"recipe {where}: {label}.method: expected one of {', '.join(all_methods())}, "
-                              f"got {stage.get('method')!r}")
+                              f"got {_show(stage.get('method'))}")
         options = {o.name: o for o in cls.all_options()}
         own = {o.name for o in cls.options} | ({o.name for o in method_options(stage["method"])}
                                                if cls.kind == "unstructured" else set())
@@ -105,7 +162,7 @@ def _stage_entries(document: dict, where: str) -> list[dict]:
                 raise RecipeError(f"recipe {where}: {label}: {key} is an option of {', '.join(owners)}")
             if not options[key].has_type(value):
                 raise RecipeError(f"recipe {where}: {label}.{key}: expected "
-                                  f"{_KIND_WORDS[options[key].type]}, got {value!r}")
+                                  f"{_KIND_WORDS[options[key].type]}, got {_show(value)}")
         kinds = list(STAGES)
         if cls.kind in seen:
             raise RecipeError(f"recipe {where}: {label}: a second {cls.kind} stage (at most one of each)")
@@ -139,7 +196,7 @@ def merge(fields: dict, stages: list[dict], flags: dict, where: str) -> tuple[di
                 try:
                     value = float(value)
                 except ValueError:
-                    raise RecipeError(f"--sparsity must be a number in [0, 1), got {value!r}") from None
+                    raise RecipeError(f"--sparsity must be a number in [0, 1), got {_show(value)}") from None
             targets = [s for s in stages if kind_of(s["method"]) == stage_keys[key]]
             if not targets:
                 raise RecipeError(f"--{key.replace('_', '-')}: the recipe {where} has no {stage_keys[key]} stage")
@@ -157,7 +214,8 @@ def _guard(where: str, key: str, check):
     try:
         return check()
     except UsageError as error:
-        text = str(error)
+        text = " ".join(str(error).split())
+        text = text if len(text) <= 300 else text[:297] + "..."
         if key.startswith("stages[") and text.startswith("--"):
             key += "." + text[2:].split()[0].replace("-", "_")
         raise RecipeError(f"recipe {where}: {key}: {text}") from None
@@ -204,6 +262,6 @@ def recipe_yaml(fields: dict, stages: list[dict], name: str | None, description:
         document["name"] = name
     if description:
         document["description"] = description
-    document.update(fields)
+    document.update({k: v for k, v in fields.items() if k not in CONSENT_FLAGS})  # the command line's alone
     document["stages"] = stages
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=100)

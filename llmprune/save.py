@@ -28,6 +28,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .jsonreport import report_json
 from .errors import OutputError, UsageError
 from .guard import (Terminated, check_output_folder, claim_output, folder_unlocked, is_claimed,  # noqa: F401
                     lock_folder, release_output, replaceable)
@@ -68,7 +69,7 @@ def write_companions(folder: Path, config, tokenizer, report: dict, card: str) -
         shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", folder / "modeling_llmprune.py")
     _write_text(folder / "README.md", card)
     _test_pause()
-    _write_text(folder / "llmprune.json", json.dumps(report, indent=2, default=str) + "\n")
+    _write_text(folder / "llmprune.json", report_json(report, indent=2, default=str) + "\n")  # valid JSON: no NaN
 
 
 @contextmanager

@@ -13,7 +13,6 @@ No model folder is written: a sweep measures; prune the chosen point with ``pyth
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -31,6 +30,7 @@ from .guard import check_output_folder, claim_output
 from .methods import METHODS, parse_pattern
 from .models.adapters import adapter_for
 from .models.loading import load_model
+from .jsonreport import report_json
 from .schedules import check_owl_options, owl_outlier_ratios, parse_schedule
 
 
@@ -168,7 +168,7 @@ def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, ca
     def save_json() -> None:
         folder.mkdir(parents=True, exist_ok=True)  # only once there is something to write
         _write_atomic(folder / "sweep.json",
-                      lambda p: p.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"))
+                      lambda p: p.write_text(report_json(results, indent=2) + "\n", encoding="utf-8"))
 
     t = time.perf_counter()
     results["dense"] = measure()

@@ -96,7 +96,7 @@ def test_lm_eval_tasks_in_process_and_hf_model_type_agree(pruned_folder, task_fo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "eval.json"
     assert main(["eval", str(pruned_folder), "--data", "none", "--tasks", "austen_choice", "--include-path",
-                 str(task_folder), "--json", str(out), "--no-progress"]) == 0
+                 str(task_folder), "--trust-remote-code", "--json", str(out), "--no-progress"]) == 0
     ours = json.loads(out.read_text())["tasks"]["austen_choice"]
     assert ours["sample_len"] == len(TASK_ROWS) and 0 <= ours["acc,none"] <= 1
     # lm_eval's own `hf` model type loads the llmprune output folder by path.
