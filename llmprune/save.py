@@ -24,9 +24,9 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 from .jsonreport import report_json
 from .errors import OutputError, UsageError

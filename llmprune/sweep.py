@@ -138,7 +138,8 @@ def sweep_spec(model: str, runs: list[SweepRun], output, settings: dict, method_
     values = check_values(RUN_OPTIONS, {**settings, "model": model, "output": str(output)})
     stages = []
     for run in runs:
-        given = {"pattern": run.pattern, "schedule": run.schedule, **owl, **((method_options or {}).get(run.method) or {})}
+        own = (method_options or {}).get(run.method) or {}
+        given = {"pattern": run.pattern, "schedule": run.schedule, **owl, **own}
         if run.pattern == "unstructured":
             given["sparsity"] = run.sparsity
         stages.append(stage_for(run.method, given))
