@@ -68,7 +68,7 @@ def main() -> int:
                 "llama", runs, output=work / "out",
                 calib_data=[str(AUSTEN / "emma.txt.gz"), str(AUSTEN / "mansfieldpark.txt.gz")],
                 eval_data=[str(AUSTEN / "persuasion.txt.gz")], nsamples=args.nsamples, seqlen=args.seqlen,
-                eval_tokens=args.eval_tokens, eval_seqlen=1024, device="cpu", progress=False,
+                eval_tokens=args.eval_tokens, eval_seqlen=1024, device="cpu", no_progress=True,
                 note=NOTE.format(nsamples=args.nsamples, seqlen=args.seqlen, eval_tokens=args.eval_tokens))
         finally:
             partial = work / "out" / "sweep.json"

@@ -120,34 +120,70 @@ def prune_checkpoint(folder: str | os.PathLike, model: nn.Module, calibration: t
     return checkpoint
 
 
+# Keywords of ``prune`` that belong to the per-layer schedule (llmprune.schedules), not to the method.
+SCHEDULE_KEYWORDS = ("owl_m", "owl_lambda", "outlier_ratios")
+
+
 def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str = "wanda",
           sparsity: float | None = None, pattern: str | NMPattern | None = None, *,
           device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
-          checkpoint: str | os.PathLike | LayerCheckpoint | None = None, run_identity: dict | None = None,
-          schedule: str | list[float] | None = None, owl_m: float = 5.0, owl_lambda: float = 0.08,
-          outlier_ratios: list[float] | None = None, placement=None, **method_options) -> PruneReport:
+          checkpoint: str | os.PathLike | LayerCheckpoint | None = None, schedule: str | list[float] | None = None,
+          placement=None, **options) -> PruneReport:
     """Prune every linear projection of every decoder layer of ``model`` in place.
 
     calibration: [nsamples, seqlen] token ids (not needed for magnitude). sparsity: fraction
     removed; with ``pattern="N:M"`` it may be omitted (it is N/M) and must agree if given.
-    method_options go to the method (sparsegpt: blocksize, percdamp). The embeddings and the LM
-    head are never pruned. checkpoint: a folder (or ``prune_checkpoint(...)``) where every finished
-    layer is committed and from which a rerun resumes (see llmprune.checkpoint); run_identity:
-    more JSON-able facts that a resumed run must share. placement: where each decoder layer runs
-    (see llmprune.calibrate.run_layerwise; default: the compute device, or where an accelerate
-    device map put it; llmprune.stream passes its own).
+    The embeddings and the LM head are never pruned. checkpoint: a folder (or
+    ``prune_checkpoint(...)``) where every finished layer is committed and from which a rerun
+    resumes (see llmprune.checkpoint). placement: where each decoder layer runs (see
+    llmprune.calibrate.run_layerwise; default: the compute device, or where an accelerate device
+    map put it; llmprune.stream passes its own).
 
     schedule: per-layer sparsities (llmprune.schedules): "uniform" (default), "owl" (outlier-
-    weighted, with owl_m and owl_lambda; outlier_ratios already measured on this dense model skip
-    that pass) or one sparsity per decoder layer; not with N:M patterns. The report's
+    weighted) or one sparsity per decoder layer; not with N:M patterns. The report's
     per_layer_sparsity is what was realised, schedule["per_layer"] what was asked.
-    """
-    from .schedules import parse_schedule, resolve_schedule
 
+    options: the method's own options (sparsegpt: blocksize, percdamp; see its declaration);
+    the schedule's owl_m (default 5) and owl_lambda (default 0.08), and outlier_ratios already
+    measured on this dense model (skip that pass); run_identity: more JSON-able facts that a run
+    resumed from a checkpoint folder must share.
+    """
     if not isinstance(method, str) or method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    schedule_options = {key: options.pop(key) for key in SCHEDULE_KEYWORDS if key in options}
+    run_identity = options.pop("run_identity", None)
     # An NMPattern built by hand is checked like the text it stands for.
     nm = parse_pattern(str(pattern) if isinstance(pattern, NMPattern) else pattern)
+    schedule, target = _schedule_and_target(schedule, sparsity, nm)
+    adapter = adapter_for(model)
+    check_pattern_fits(model, nm)
+    _check_method_options(method, options)
+    pruner = make_method(method, **options)
+    if pruner.needs_calibration or calibration is not None:  # unused by magnitude, but reported
+        check_calibration(model, calibration, f"method {method}")
+    device = next(model.parameters()).device if device is None else check_device(device)
+    check_batch_size(batch_size)
+    model.eval()
+    started = time.perf_counter()
+    from .schedules import resolve_schedule
+
+    plan = resolve_schedule(model, schedule, target, calibration, torch.device(device), batch_size=batch_size,
+                            progress=progress, **schedule_options)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = prune_checkpoint(checkpoint, model, calibration, method, target, nm, batch_size,
+                                      {**(run_identity or {}), **({} if plan.name == "uniform" else
+                                                                   {"schedule": plan.as_dict()})}, **options)
+    per_layer_target = plan.per_layer if plan.name != "uniform" else target
+    record = prune_layerwise(model, adapter, pruner, per_layer_target, nm, calibration, torch.device(device),
+                             batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement)
+    return _prune_report(method, nm, target, record, len(adapter.layers(model)), time.perf_counter() - started,
+                         calibration, plan)
+
+
+def _schedule_and_target(schedule, sparsity, nm: NMPattern | None) -> tuple:
+    """The parsed schedule and the overall target sparsity (a list schedule's mean; N/M for a pattern)."""
+    from .schedules import parse_schedule
+
     schedule = parse_schedule(schedule)
     if isinstance(schedule, list):  # the target is the mean of the listed layer sparsities
         mean = sum(schedule) / len(schedule)
@@ -158,30 +194,14 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
         sparsity = nm.sparsity if nm else 0.5
     target = check_sparsity(sparsity, nm)
     if nm is not None and schedule != "uniform":
-        raise UsageError(f"--schedule applies to unstructured sparsity; --pattern {nm} fixes every layer at {nm.sparsity:g}")
-    adapter = adapter_for(model)
-    check_pattern_fits(model, nm)
-    _check_method_options(method, method_options)
-    pruner = make_method(method, **method_options)
-    if pruner.needs_calibration or calibration is not None:  # unused by magnitude, but reported
-        check_calibration(model, calibration, f"method {method}")
-    device = next(model.parameters()).device if device is None else check_device(device)
-    check_batch_size(batch_size)
-    model.eval()
-    started = time.perf_counter()
-    plan = resolve_schedule(model, schedule, target, calibration, torch.device(device), owl_m=owl_m,
-                            owl_lambda=owl_lambda, batch_size=batch_size, progress=progress,
-                            outlier_ratios=outlier_ratios)
-    if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = prune_checkpoint(checkpoint, model, calibration, method, target, nm, batch_size,
-                                      {**(run_identity or {}), **({} if plan.name == "uniform" else
-                                                                   {"schedule": plan.as_dict()})}, **method_options)
-    per_layer_target = plan.per_layer if plan.name != "uniform" else target
-    record = prune_layerwise(model, adapter, pruner, per_layer_target, nm, calibration, torch.device(device),
-                             batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement)
-    seconds = time.perf_counter() - started
+        raise UsageError(f"--schedule applies to unstructured sparsity; --pattern {nm} fixes every layer at "
+                         f"{nm.sparsity:g}")
+    return schedule, target
 
-    layers = len(adapter.layers(model))
+
+def _prune_report(method: str, nm, target: float, record, layers: int, seconds: float, calibration,
+                  plan) -> PruneReport:
+    """Sparsities counted from the exact zeros of every pruned module, per layer and overall."""
     per_layer = []
     for index in range(layers):
         entries = [m for m in record.modules.values() if m["layer"] == index]

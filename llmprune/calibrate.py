@@ -19,6 +19,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,10 +267,10 @@ def _share_of_batches(calibration_ids: torch.Tensor, batch_size: int) -> torch.T
 
 @torch.no_grad()
 def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: torch.Tensor | None,
-                  device: torch.device, *, collect=None, apply=None, batch_size: int = 1,
-                  progress: bool = True, desc: str = "layers", checkpoint: LayerCheckpoint | None = None,
-                  layer_state=None, restore_layer=None, combine=None, placement=None) -> list[float]:
+                  device: torch.device, *, batch_size: int = 1, progress: bool = True, desc: str = "layers",
+                  checkpoint: LayerCheckpoint | None = None, placement=None, **work) -> list[float]:
     """Visit every decoder layer, one at a time, where ``placement`` runs it; return seconds per layer.
+    work: the callbacks of ``LayerWork`` (collect, combine, apply, layer_state, restore_layer).
 
     collect(index, layer) -> hook handles that gather statistics while calibration batches run.
     combine(index, layer), after the statistics pass, merges statistics across processes.
@@ -299,16 +300,25 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
         if calibration_ids is not None:
             inputs = capture_layer_inputs(model, adapter, _share_of_batches(calibration_ids, batch_size),
                                           batch_size, device, hidden=on_disk)
-        return _visit_layers(model, adapter, layers, inputs, placement, collect, apply, combine, checkpoint,
-                             layer_state, restore_layer, progress, desc)
+        return _visit_layers(layers, inputs, placement, LayerWork(**work), checkpoint, progress, desc)
     finally:
         if on_disk is not None:
             on_disk.close()
 
 
-def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, combine, checkpoint,
-                  layer_state, restore_layer, progress, desc) -> list[float]:
-    """The layer loop of run_layerwise (see there)."""
+@dataclass
+class LayerWork:
+    """What run_layerwise does at each decoder layer; every callback is optional (see there)."""
+
+    collect: Callable | None = None        # (index, layer) -> hook handles gathering statistics
+    combine: Callable | None = None        # (index, layer): merge statistics across processes
+    apply: Callable | None = None          # (index, layer): change the layer (prune it)
+    layer_state: Callable | None = None    # (index, layer) -> {name: tensor} committed to a checkpoint
+    restore_layer: Callable | None = None  # (index, layer, tensors): put a committed layer back
+
+
+def _resume(layers, inputs, placement, work: LayerWork, checkpoint) -> int:
+    """Restore the layers an earlier run committed; returns how many (0 without a checkpoint)."""
     resume_at = checkpoint.open() if checkpoint is not None else 0
     if resume_at:
         if resume_at > len(layers):
@@ -318,26 +328,34 @@ def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, com
         for index in range(resume_at):
             placement.enter(index, layers[index])
             with placement.writable(layers[index]):
-                restore_layer(index, layers[index], checkpoint.load_layer(index))
+                work.restore_layer(index, layers[index], checkpoint.load_layer(index))
             placement.leave(index, layers[index])
         if inputs is not None and resume_at < len(layers):
             inputs.hidden = checkpoint.load_inputs(resume_at, like=inputs.hidden)
+    return resume_at
 
-    def feed(index: int, layer: nn.Module, propagate: bool) -> None:
-        for batch, (args, kwargs) in enumerate(inputs.layer_args[index]):
-            try:
-                output = layer(inputs.hidden[batch], *args, **kwargs)
-            except StopLayer:
-                if propagate:
-                    raise RuntimeError("a statistics hook stopped a propagation pass") from None
-                continue
+
+def _feed(inputs, index: int, layer: nn.Module, propagate: bool) -> None:
+    """Run the calibration batches through ``layer``; with ``propagate`` its outputs become the
+    next layer's inputs (checked finite), else only the statistics hooks see them."""
+    for batch, (args, kwargs) in enumerate(inputs.layer_args[index]):
+        try:
+            output = layer(inputs.hidden[batch], *args, **kwargs)
+        except StopLayer:
             if propagate:
-                output = _decoder_layer_output(output)
-                if not torch.isfinite(output).all():
-                    raise NumericalError("non-finite values (NaN or inf) in " + _first_non_finite(
-                        layer, index, inputs.hidden[batch], args, kwargs))
-                inputs.hidden[batch] = output
+                raise RuntimeError("a statistics hook stopped a propagation pass") from None
+            continue
+        if propagate:
+            output = _decoder_layer_output(output)
+            if not torch.isfinite(output).all():
+                raise NumericalError("non-finite values (NaN or inf) in " + _first_non_finite(
+                    layer, index, inputs.hidden[batch], args, kwargs))
+            inputs.hidden[batch] = output
 
+
+def _visit_layers(layers, inputs, placement, work: LayerWork, checkpoint, progress: bool, desc: str) -> list[float]:
+    """The layer loop of run_layerwise (see there)."""
+    resume_at = _resume(layers, inputs, placement, work, checkpoint)
     seconds = []
     for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
         if index < resume_at:
@@ -346,31 +364,36 @@ def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, com
         started = time.perf_counter()
         placement.enter(index, layer)
         try:
-            hooks = collect(index, layer) if (collect is not None and inputs is not None) else []
-            try:
-                if inputs is not None and (hooks or apply is None):
-                    feed(index, layer, propagate=apply is None)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            if combine is not None and inputs is not None:
-                combine(index, layer)
-            if apply is not None:
-                with placement.writable(layer):
-                    apply(index, layer)
-                if inputs is not None and index + 1 < len(layers):
-                    feed(index, layer, propagate=True)
-            if checkpoint is not None:
-                last = index + 1 == len(layers)
-                with placement.writable(layer):
-                    state = layer_state(index, layer)
-                    checkpoint.save_layer(index, state, None if inputs is None or last else inputs.hidden)
+            _visit_layer(index, layer, len(layers), inputs, placement, work, checkpoint)
         except BaseException:
             getattr(placement, "abandon", lambda *args: None)(index, layer)
             raise
         placement.leave(index, layer)
         seconds.append(time.perf_counter() - started)
     return seconds
+
+
+def _visit_layer(index: int, layer: nn.Module, count: int, inputs, placement, work: LayerWork, checkpoint) -> None:
+    """One layer: statistics pass, combine, apply, propagation pass, commit to the checkpoint."""
+    hooks = work.collect(index, layer) if (work.collect is not None and inputs is not None) else []
+    try:
+        if inputs is not None and (hooks or work.apply is None):
+            _feed(inputs, index, layer, propagate=work.apply is None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if work.combine is not None and inputs is not None:
+        work.combine(index, layer)
+    if work.apply is not None:
+        with placement.writable(layer):
+            work.apply(index, layer)
+        if inputs is not None and index + 1 < count:
+            _feed(inputs, index, layer, propagate=True)
+    if checkpoint is not None:
+        last = index + 1 == count
+        with placement.writable(layer):
+            state = work.layer_state(index, layer)
+            checkpoint.save_layer(index, state, None if inputs is None or last else inputs.hidden)
 
 
 def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float | list[float],
@@ -407,28 +430,8 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         statistics[:] = [distributed.combine(stats, group_of_processes) for stats in statistics]
 
     def apply(index, layer):
-        groups = adapter.linear_groups(layer)
-        group_statistics = statistics or [None] * len(groups)
-        names = [[f"model.layers.{index}.{name}" for name, _ in group] for group in groups]
-
-        def solve(g):  # float32 [out_i, in] matrices in, pruned matrices out
-            stats = group_statistics[g]
-            for attribute in ("sum_of_squares", "sum_xtx"):
-                if hasattr(stats, attribute):
-                    _check_finite(getattr(stats, attribute), f"calibration statistics of {names[g][0]}")
-            weights = [linear.weight.detach().float() for _, linear in groups[g]]
-            layer_sparsity = sparsity[index] if isinstance(sparsity, (list, tuple)) else sparsity
-            return method.prune_group(weights, stats, layer_sparsity, pattern, name=", ".join(names[g]))
-
-        def shapes(g):
-            return [(tuple(linear.weight.shape), torch.float32, linear.weight.device) for _, linear in groups[g]]
-
-        # Each group is solved by one process (all of them for a single process), then shared.
-        for group, pruned, group_names in zip(groups, distributed.solve_spread(len(groups), solve, shapes,
-                                                                              group_of_processes), names):
-            for (_, linear), new_weight, full_name in zip(group, pruned, group_names):
-                _check_finite(new_weight, f"pruned weight of {full_name}")
-                linear.weight.copy_(new_weight.to(linear.weight.dtype))
+        layer_sparsity = sparsity[index] if isinstance(sparsity, (list, tuple)) else sparsity
+        _prune_layer(adapter, method, statistics, layer_sparsity, pattern, index, layer, group_of_processes)
         statistics.clear()
         note(index, layer)
 
@@ -454,3 +457,29 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         progress=progress, desc=f"{method.name}: layers", checkpoint=checkpoint, layer_state=layer_state,
         restore_layer=restore_layer, combine=combine if method.needs_calibration else None, placement=placement)
     return record
+
+
+def _prune_layer(adapter, method, statistics: list, sparsity: float, pattern, index: int, layer: nn.Module,
+                 group_of_processes) -> None:
+    """Prune every input group of one layer with its statistics (float32 [out_i, in] matrices in,
+    pruned matrices out), each group solved by one process and shared, written back in place."""
+    groups = adapter.linear_groups(layer)
+    group_statistics = statistics or [None] * len(groups)
+    names = [[f"model.layers.{index}.{name}" for name, _ in group] for group in groups]
+
+    def solve(g):
+        stats = group_statistics[g]
+        for attribute in ("sum_of_squares", "sum_xtx"):
+            if hasattr(stats, attribute):
+                _check_finite(getattr(stats, attribute), f"calibration statistics of {names[g][0]}")
+        weights = [linear.weight.detach().float() for _, linear in groups[g]]
+        return method.prune_group(weights, stats, sparsity, pattern, name=", ".join(names[g]))
+
+    def shapes(g):
+        return [(tuple(linear.weight.shape), torch.float32, linear.weight.device) for _, linear in groups[g]]
+
+    for group, pruned, group_names in zip(groups, distributed.solve_spread(len(groups), solve, shapes,
+                                                                          group_of_processes), names):
+        for (_, linear), new_weight, full_name in zip(group, pruned, group_names):
+            _check_finite(new_weight, f"pruned weight of {full_name}")
+            linear.weight.copy_(new_weight.to(linear.weight.dtype))

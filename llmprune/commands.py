@@ -1,14 +1,45 @@
-"""The subcommands ``sweep`` and ``eval``: their flags -> plain keyword arguments.
+"""The subcommands ``sweep`` and ``eval``: their flags -> a ``job.RunSpec``.
 
-``python -m llmprune --model ...`` (no subcommand) is the pruning run of ``__main__``.
+Both take the run options they share with the main command from ``job.RUN_OPTIONS`` (data,
+device, dtype, progress, the data cap, ...), so each is declared once; only what is their own is
+declared here. ``python -m llmprune --model ...`` (no subcommand) is the pruning run of ``cli``.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from .errors import UsageError
-from .limits import add_max_data_bytes
+from .options import Option, add_arguments, check_values
+
+# The run options each subcommand takes, by name (declared in job.RUN_OPTIONS).
+SWEEP_RUN_OPTIONS = ("model", "calib_data", "nsamples", "seqlen", "seed", "eval_data", "eval_seqlen", "eval_tokens",
+                     "max_data_bytes", "batch_size", "no_cache", "output", "overwrite", "device", "dtype",
+                     "trust_remote_code", "no_progress")
+EVAL_RUN_OPTIONS = ("eval_data", "eval_seqlen", "eval_tokens", "speed", "max_data_bytes", "no_cache", "device",
+                    "dtype", "trust_remote_code", "no_progress")
+EVAL_ALIASES = {"eval_data": ("--data",), "eval_seqlen": ("--seqlen",), "eval_tokens": ("--tokens",)}
+EVAL_HELP = {"speed": "measure prefill and decode tokens/s"}
+
+SWEEP_OPTIONS = (
+    Option("methods", str, "magnitude,wanda,sparsegpt", "comma-separated methods"),
+    Option("sparsities", str, "0.1,0.2,...,0.8",
+           'comma-separated, "a,b,...,z" continues the step (default 0.1,0.2,...,0.8)'),
+    Option("patterns", str, "", "comma-separated N:M patterns, e.g. 2:4,4:8 (default none)"),
+    Option("schedules", str, "uniform", "uniform, owl or uniform,owl (unstructured runs)"),
+)
+SWEEP_OUTPUT_HELP = "folder for the table, JSON and plot (default sweeps/<model>)"
+
+EVAL_OPTIONS = (
+    Option("tasks", str, None, "comma-separated lm-evaluation-harness tasks (needs lm_eval)"),
+    Option("limit", float, None, "lm_eval: examples per task (or fraction if < 1)"),
+    Option("num_fewshot", int, None, "lm_eval: few-shot examples"),
+    Option("include_path", str, None, "lm_eval: a folder of extra task YAMLs (they can run Python: needs "
+           "--trust-remote-code)", metavar="DIR"),
+    Option("seed", int, 0, "lm_eval: seed of the few-shot sampling"),
+    Option("json", str, None, "also write the results as JSON here", metavar="FILE"),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -16,73 +47,61 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (default: float32 on CPU)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+def _run_options(names: tuple, aliases: dict | None = None, helps: dict | None = None) -> list[Option]:
+    """The named RUN_OPTIONS, with a subcommand's extra (hidden) flag names or help text."""
+    from .job import RUN_OPTIONS
+
+    by_name = {o.name: o for o in RUN_OPTIONS}
+    return [replace(by_name[name], aliases=(aliases or {}).get(name, by_name[name].aliases),
+                    help=(helps or {}).get(name, by_name[name].help)) for name in names]
+
+
+def _owl_options() -> list[Option]:
+    """owl_m / owl_lambda, as the unstructured stage declares them."""
+    from .stages.unstructured import Unstructured
+
+    return [o for o in Unstructured.options if o.name in ("owl_m", "owl_lambda")]
+
+
+def _method_options() -> list[Option]:
+    """Every method's own options (each once), passed to the runs of that method."""
+    from .methods import METHODS, method_options
+
+    options, seen = [], set()
+    for name in METHODS:
+        options += [o for o in method_options(name) if o.name not in seen and not seen.add(o.name)]
+    return options
 
 
 def sweep_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m llmprune sweep",
                 description="Prune one model many ways and plot perplexity against sparsity. Writes "
                             "sweep.md, sweep.json and sweep.png; no model folders.")
-    p.add_argument("--model", required=True, help="Hub id, local HF folder, or built-in alias llama")
-    p.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="comma-separated methods")
-    p.add_argument("--sparsities", default="0.1,0.2,...,0.8",
-                   help='comma-separated, "a,b,...,z" continues the step (default 0.1,0.2,...,0.8)')
-    p.add_argument("--patterns", default="", help="comma-separated N:M patterns, e.g. 2:4,4:8 (default none)")
-    p.add_argument("--schedules", default="uniform", help="uniform, owl or uniform,owl (unstructured runs)")
-    p.add_argument("--owl-m", type=float, default=5.0)
-    p.add_argument("--owl-lambda", type=float, default=0.08)
-    p.add_argument("--calib-data", nargs="+", default=["default"], metavar="SOURCE")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-data", nargs="+", default=["default"], metavar="SOURCE")
-    p.add_argument("--eval-seqlen", type=int, default=1024)
-    p.add_argument("--eval-tokens", type=int, default=16384, help="0 = all")
-    add_max_data_bytes(p)
-    p.add_argument("--batch-size", type=int, default=1)
-    from .methods import METHODS, method_options
-    from .options import add_arguments
-
-    seen = set()
-    for name in METHODS:  # each method's own options, passed to the runs of that method
-        add_arguments(p, method_options(name), seen)
-    p.add_argument("--output", default=None, help="folder for the table, JSON and plot (default sweeps/<model>)")
-    p.add_argument("--overwrite", action="store_true")
-    _common(p)
+    add_arguments(p, _run_options(SWEEP_RUN_OPTIONS[:1]))
+    add_arguments(p, SWEEP_OPTIONS)
+    add_arguments(p, _owl_options())
+    add_arguments(p, _run_options(SWEEP_RUN_OPTIONS[1:], helps={"output": SWEEP_OUTPUT_HELP}))
+    add_arguments(p, _method_options())
     return p
 
 
 def run_sweep_command(argv: list[str]) -> int:
+    from .methods import METHODS, method_options
     from .sweep import default_output, format_summary, parse_sparsities, plan_runs, run_sweep
 
-    args = sweep_parser().parse_args(argv)
-    for name in ("nsamples", "seqlen", "eval_seqlen", "batch_size"):
-        if getattr(args, name) < (2 if "seqlen" in name else 1):
-            raise UsageError(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}")
-    if args.eval_tokens < 0:
-        raise UsageError(f"--eval-tokens must be >= 0, got {args.eval_tokens}")
+    given = vars(sweep_parser().parse_args(argv))
+    if "model" not in given:
+        raise UsageError("the following arguments are required: --model")
+    own = check_values(SWEEP_OPTIONS, given)
+    settings = check_values(_run_options(SWEEP_RUN_OPTIONS), given)
+    owl = check_values(_owl_options(), given)
     split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
-    runs = plan_runs(split(args.methods), parse_sparsities(args.sparsities), split(args.patterns),
-                     split(args.schedules) or ["uniform"])
-    from .methods import METHODS, method_options
-    from .options import check_values
-
-    given = vars(args)
+    runs = plan_runs(split(own["methods"]), parse_sparsities(own["sparsities"]), split(own["patterns"]),
+                     split(own["schedules"]) or ["uniform"])
     options = {name: check_values(method_options(name), given) for name in METHODS}
-    output = args.output or default_output(args.model)
-    from .data import max_data_bytes
-
-    with max_data_bytes(args.max_data_bytes):
-        results = run_sweep(args.model, runs, output=output, calib_data=args.calib_data, eval_data=args.eval_data,
-                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, eval_seqlen=args.eval_seqlen,
-                            eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype,
-                            batch_size=args.batch_size, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                            overwrite=args.overwrite, progress=not args.no_progress,
-                            trust_remote_code=args.trust_remote_code, method_options=options)
+    model = settings.pop("model")
+    output = settings.pop("output") or default_output(model)
+    results = run_sweep(model, runs, output=output, method_options=options, **settings, **owl)
     print("\nllmprune sweep\n" + format_summary(results))
     print(f"wrote {output}/sweep.md, sweep.json, sweep.png")
     return 0
@@ -93,105 +112,84 @@ def eval_parser() -> argparse.ArgumentParser:
                 description="Measure a model or an llmprune output folder: perplexity with the declared "
                             "protocol, optionally speed and lm-evaluation-harness tasks.")
     p.add_argument("model", metavar="MODEL_OR_FOLDER", help="Hub id, local folder, or built-in alias llama")
-    p.add_argument("--eval-data", "--data", dest="data", nargs="+", default=["default"], metavar="SOURCE",
-                   help='perplexity data sources, or "none"')
-    p.add_argument("--eval-seqlen", "--seqlen", dest="seqlen", type=int, default=1024,
-                   help="tokens per perplexity window (default 1024)")
-    p.add_argument("--eval-tokens", "--tokens", dest="tokens", type=int, default=16384,
-                   help="at most this many tokens (default 16384; 0 = all)")
-    p.add_argument("--speed", action="store_true", help="measure prefill and decode tokens/s")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
-    p.add_argument("--limit", type=float, default=None, help="lm_eval: examples per task (or fraction if < 1)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="lm_eval: few-shot examples")
-    p.add_argument("--include-path", default=None, metavar="DIR",
-                   help="lm_eval: a folder of extra task YAMLs (they can run Python: needs --trust-remote-code)")
-    add_max_data_bytes(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
-    _common(p)
+    add_arguments(p, _run_options(EVAL_RUN_OPTIONS, EVAL_ALIASES, EVAL_HELP))
+    add_arguments(p, EVAL_OPTIONS)
     return p
 
 
-def run_eval_command(argv: list[str]) -> int:
-    import time
+def eval_spec(argv: list[str]):
+    """The eval command as a RunSpec with no stage, and its own options; checks that need no model."""
+    from .harness import INSTALL_HINT, check_include_path, lm_eval_available
+    from .job import RUN_OPTIONS, RunSpec
+    from .jsonreport import check_report_path
 
-    args = eval_parser().parse_args(argv)
-    if args.seqlen < 2 or args.tokens < 0:
-        raise UsageError("--eval-seqlen must be >= 2 and --eval-tokens >= 0")
-    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-    sources = None if [s.lower() for s in args.data] == ["none"] else args.data
-    if sources is None and not tasks and not args.speed:
+    given = vars(eval_parser().parse_args(argv))
+    own = check_values(EVAL_OPTIONS, given)
+    shared = {name: given[name] for name in ("model", *EVAL_RUN_OPTIONS) if name in given}
+    spec = RunSpec(check_values(RUN_OPTIONS, shared), [], command="eval", sample_prompt=None)
+    own["tasks"] = [t.strip() for t in (own["tasks"] or "").split(",") if t.strip()]
+    if spec.eval_sources is None and not own["tasks"] and not spec.speed:
         raise UsageError("nothing to measure: --eval-data none without --speed or --tasks")
-    from . import data
-    from .api import check_device
-    from .evaluate import (
-        check_finite_weights,
-        count_parameters,
-        measure_speed,
-        perplexity,
-        tokenizer_adds_bos,
-        weight_bytes,
-    )
-    from .harness import (
-        INSTALL_HINT,
-        check_include_path,
-        lm_eval_available,
-        prepare_tasks,
-    )
-    from .models.loading import load_model
-    from .jsonreport import check_report_path, write_json_report
-
-    if tasks and not lm_eval_available():  # before loading anything
+    if own["tasks"] and not lm_eval_available():  # before loading anything
         raise UsageError(f"--tasks needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
-    check_include_path(args.include_path, args.trust_remote_code)
-    if args.json:
-        check_report_path(args.json)
-    data.check_max_bytes(args.max_data_bytes)
-    compute = check_device(args.device)
-    from .job import resolve_dtype
+    check_include_path(own["include_path"], spec.trust_remote_code)
+    if own["json"]:
+        check_report_path(own["json"])
+    return spec, own
 
-    dtype = resolve_dtype(args.dtype, compute)
-    if sources is not None:
-        data.check_sources(sources)
-    task_plan = prepare_tasks(tasks, args.include_path) if tasks else None  # names and data, before measuring
-    if args.no_progress:
-        import transformers
 
-        transformers.utils.logging.disable_progress_bar()
-    model, tokenizer = load_model(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    check_finite_weights(model)
-    model.to(compute)
-    results = {"model": args.model, "device": str(compute), "dtype": dtype,
-               "parameters": count_parameters(model), "weight_bytes": weight_bytes(model)}
-    rows = [("model", args.model), ("parameters", f"{results['parameters']['nonzero']:,} nonzero of "
-                                                   f"{results['parameters']['parameters']:,}")]
-    if sources is not None:
-        ids = data.evaluation_ids(tokenizer, sources, args.tokens or None, args.seqlen, flag="--eval-seqlen",
-                                  max_bytes=args.max_data_bytes)
-        bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-        ppl = perplexity(model, ids, args.seqlen, bos, compute, not args.no_progress).as_dict()
-        results["perplexity"] = {**ppl, "data": list(sources)}
-        rows.append(("perplexity", f"{ppl['perplexity']:.3f}  [{ppl['protocol']}]"))
-    if args.speed:
-        results["speed"] = measure_speed(model, compute, progress=not args.no_progress)
-        rows.append(("speed", f"prefill {results['speed']['prefill_tokens_per_s']:.0f} tokens/s, decode "
-                              f"{results['speed']['decode_tokens_per_s']:.1f} tokens/s"))
-    if tasks:
-        from .harness import run_tasks
+def run_eval_command(argv: list[str]) -> int:
+    from .data import max_data_bytes
 
-        started = time.perf_counter()
-        limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-        results["tasks"] = run_tasks(model, tokenizer, task_plan, device=compute, limit=limit,
-                                     num_fewshot=args.num_fewshot, seed=args.seed)
-        results["tasks_seconds"] = time.perf_counter() - started
-        for task, metrics in results["tasks"].items():
-            rows.append((task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
-    if args.json:
-        write_json_report(args.json, results)
+    spec, own = eval_spec(argv)
+    with max_data_bytes(spec.max_data_bytes):
+        results, rows = _evaluate(spec, own)
+    if own["json"]:
+        from .jsonreport import write_json_report
+
+        write_json_report(own["json"], results)
     from .report import format_rows
 
     print("\nllmprune eval\n" + format_rows(rows), flush=True)
     return 0
+
+
+def _evaluate(spec, own: dict) -> tuple[dict, list]:
+    """prepare -> (the tasks, before measuring) -> load -> refuse NaN weights -> measure -> tasks."""
+    import time
+
+    from . import job
+    from .evaluate import check_finite_weights, count_parameters, weight_bytes
+    from .harness import prepare_tasks, run_tasks
+
+    prepared = job.prepare(spec)
+    task_plan = prepare_tasks(own["tasks"], own["include_path"]) if own["tasks"] else None
+    loaded = job.load(spec, prepared)
+    model = loaded.model
+    check_finite_weights(model)
+    results = {"model": spec.model, "device": str(loaded.compute), "dtype": loaded.dtype,
+               "parameters": count_parameters(model), "weight_bytes": weight_bytes(model)}
+    rows = [("model", spec.model), ("parameters", f"{results['parameters']['nonzero']:,} nonzero of "
+                                                   f"{results['parameters']['parameters']:,}")]
+    measured = job.measure(loaded, model, dense=True, speed=spec.speed)
+    if "perplexity" in measured:
+        results["perplexity"] = {**measured["perplexity"], "data": list(spec.eval_sources)}
+        rows.append(("perplexity", f"{measured['perplexity']['perplexity']:.3f}  "
+                                   f"[{measured['perplexity']['protocol']}]"))
+    if "speed" in measured:
+        results["speed"] = measured["speed"]
+        rows.append(("speed", f"prefill {results['speed']['prefill_tokens_per_s']:.0f} tokens/s, decode "
+                              f"{results['speed']['decode_tokens_per_s']:.1f} tokens/s"))
+    if task_plan is not None:
+        started, limit = time.perf_counter(), own["limit"]
+        model.to(loaded.compute)
+        results["tasks"] = run_tasks(model, loaded.tokenizer, task_plan, device=loaded.compute,
+                                     limit=None if limit is None else (int(limit) if limit >= 1 else limit),
+                                     num_fewshot=own["num_fewshot"], seed=own["seed"])
+        results["tasks_seconds"] = time.perf_counter() - started
+        for task, metrics in results["tasks"].items():
+            rows.append((task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())))
+    return results, rows
 
 
 SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command}

@@ -228,7 +228,8 @@ def load(spec: RunSpec, prepared: dict) -> Loaded:
     t = time.perf_counter()
     model, tokenizer = load_model(spec.model, dtype=prepared["dtype"], trust_remote_code=spec.trust_remote_code,
                                   offload_folder=spec.offload_folder, **prepared["placement"])
-    adapter_for(model)
+    if spec.stages:  # a run with no stage (eval) measures any causal LM
+        adapter_for(model)
     for stage in spec.stages:
         stage.check_model(model)
     run = Loaded(spec, model, tokenizer, prepared["compute"], prepared["dtype"], group=prepared["group"],

@@ -10,8 +10,3 @@ MAX_DATA_BYTES = Option("max_data_bytes", int, 2 << 30,
                         "read at most N bytes of local calibration text, and N of evaluation text, counted after "
                         "decompression (default 2147483648 = 2 GiB)", minimum=1, metavar="N")
 
-
-def add_max_data_bytes(parser) -> None:
-    """--max-data-bytes for the subcommands' plain parsers (their namespaces hold defaults)."""
-    parser.add_argument(MAX_DATA_BYTES.flag, type=int, default=MAX_DATA_BYTES.default, metavar=MAX_DATA_BYTES.metavar,
-                        help=MAX_DATA_BYTES.help)

@@ -111,11 +111,12 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     compute = torch.device("cpu") if compute is None else compute
     statistics_kind = _statistics_kind(method)
     sizes = sizes or model_sizes(config)
-    hidden = config.hidden_size
-    inter = getattr(config, "intermediate_size", 4 * hidden)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = getattr(config, "num_key_value_heads", heads) or heads
+    from .models.adapters import adapter_for_config
+
+    adapter = adapter_for_config(config)  # the family's own layout: head geometry, MLP width, group inputs
+    geometry = adapter.head_geometry(config)
+    hidden, inter = config.hidden_size, adapter.intermediate_size(config)
+    heads, kv, head_dim = geometry.query_heads, geometry.kv_heads, geometry.head_dim
     layer_bytes = sizes["layer"] * dtype_bytes
 
     if mode == "memory":
@@ -133,8 +134,10 @@ def estimate_peak(config, *, dtype_bytes: int, mode: str = "memory", nsamples: i
     # Attention scores [heads, seqlen, seqlen] are not counted: SDPA (transformers' default) does
     # not materialise them.
     working = batch_size * seqlen * (4 * heads * head_dim + 3 * inter) * max(dtype_bytes, 4) if nsamples else 0
-    groups_in = [hidden, heads * head_dim, hidden, inter]
+    groups_in = adapter.group_input_widths(config)  # input features of each group's Hessian / norms
     if statistics_kind == "hessian":
+        # The most output rows one solve updates: q, k and v together (fused in some families),
+        # o_proj or down_proj (hidden), gate and up together (fused in some families).
         largest_rows = max((heads + 2 * kv) * head_dim, hidden, 2 * inter)
         # float64 Hessians of the four groups; the largest solve's float64 factor, inverse and its
         # factor, the float32 copy of that; float32 weights, their update and the mask.

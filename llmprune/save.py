@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
-import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,7 +49,7 @@ def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card:
     extra_files(folder): writes more files into the temporary folder before it is put in place.
     """
     with atomic_folder(target, overwrite) as tmp:
-        _test_pause()
+        _after_step()
         model.save_pretrained(tmp, safe_serialization=True)
         if extra_files is not None:
             extra_files(tmp)
@@ -61,14 +61,14 @@ def write_companions(folder: Path, config, tokenizer, report: dict, card: str) -
     """Everything of an output folder but the weights: tokenizer, llmprune's modelling file for
     uneven layers, README.md (model card) and llmprune.json (report), secrets redacted."""
     report, card = redact(report), redact(card)
-    _test_pause()
+    _after_step()
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    _test_pause()
+    _after_step()
     if getattr(config, "llmprune_layer_sizes", None):  # uneven layers: ship the modelling file
         shutil.copyfile(Path(__file__).parent / "models" / "modeling_llmprune.py", folder / "modeling_llmprune.py")
     _write_text(folder / "README.md", card)
-    _test_pause()
+    _after_step()
     _write_text(folder / "llmprune.json", report_json(report, indent=2, default=str) + "\n")  # valid JSON: no NaN
 
 
@@ -100,13 +100,13 @@ def _filled_then_installed(target: Path, overwrite: bool):
         yield tmp
         _make_ordinary(tmp)
         _sync_folder(tmp)
-        _test_pause()
+        _after_step()
         with _InterruptsHeld() as held:  # never cut in half by Ctrl-C or SIGTERM
             old = _install(tmp, target, overwrite)
             _release_temporary(tmp)
             tmp = None
             WRITTEN.append(target)
-            _test_pause()
+            _after_step()
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
                 _release_temporary(old)
@@ -220,15 +220,15 @@ class ShardWriter:
         return paths
 
 
-def _test_pause() -> None:
-    """Tests only: ``LLMPRUNE_TEST_SAVE_DELAY=<seconds>`` sleeps between the steps of a save, so
-    that a test can kill the process at chosen points inside it."""
-    try:
-        delay = float(os.environ.get("LLMPRUNE_TEST_SAVE_DELAY", "0") or 0)
-    except ValueError:
-        return
-    if delay > 0:
-        time.sleep(delay)
+# Called after each step of a save (weights, tokenizer, card, report, ...) when set: tests set it
+# (in process, or in a small wrapper script around ``main``) to pause there and kill the process
+# at chosen points inside a save. None in every real run.
+AFTER_SAVE_STEP: Callable[[], None] | None = None
+
+
+def _after_step() -> None:
+    if AFTER_SAVE_STEP is not None:
+        AFTER_SAVE_STEP()
 
 
 _FOLDER_LOCKS: dict[Path, int] = {}  # temporary folders of this process -> descriptor holding their lock

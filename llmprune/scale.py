@@ -35,12 +35,12 @@ def check_options(*, device_map, max_memory, offload_folder, stream, activations
     return {"device_map": parse_device_map(device_map), "max_memory": parse_max_memory(max_memory)}
 
 
-def check_memory(model: str, *, dtype: str, mode: str, nsamples: int, seqlen: int, batch_size: int, method: str,
-                 needs_data: bool, max_memory: dict | None, activations_on_disk: bool, compute,
-                 force: bool, trust_remote_code: bool = False, group=None):
+def check_memory(model: str, *, dtype: str, needs_data: bool, max_memory: dict | None, force: bool,
+                 trust_remote_code: bool = False, group=None, **run):
     """Estimate the run's peak memory from the model's config alone and refuse (unless ``force``)
     when it exceeds what is available. Returns the estimate, or None when the config cannot be
-    read yet (loading then says why)."""
+    read yet (loading then says why). run: what ``memory.estimate_peak`` takes about the run (mode,
+    nsamples, seqlen, batch_size, method, activations_on_disk, compute)."""
     from transformers import AutoConfig
 
     if dtype not in DTYPES:  # the same refusal load_model makes
@@ -54,11 +54,11 @@ def check_memory(model: str, *, dtype: str, mode: str, nsamples: int, seqlen: in
 
     if getattr(config, "model_type", None) not in ADAPTERS:  # refused after loading, with the list
         return None
+    mode = run["mode"]
     budget = size_in_bytes(max_memory["cpu"]) if mode == "offload" and max_memory and "cpu" in max_memory else None
-    estimate = estimate_peak(config, dtype_bytes=DTYPES[dtype].itemsize, mode=mode,
-                             nsamples=nsamples if needs_data else 0, seqlen=seqlen if needs_data else 0,
-                             batch_size=batch_size, method=method, cpu_weight_budget=budget,
-                             processes=group.world if group else 1, activations_on_disk=activations_on_disk,
-                             compute=compute)
+    if not needs_data:
+        run = {**run, "nsamples": 0, "seqlen": 0}
+    estimate = estimate_peak(config, dtype_bytes=DTYPES[dtype].itemsize, cpu_weight_budget=budget,
+                             processes=group.world if group else 1, **run)
     refuse_unless_fits(estimate, mode, force)
     return estimate

@@ -178,13 +178,13 @@ def copy_outside_layers(reader: CheckpointReader, writer: ShardWriter, prefix: s
 
 
 def prune_streaming(folder: str | Path, output_folder: Path | None, calibration: torch.Tensor | None, *,
-                    method: str, sparsity: float | None, pattern, device: torch.device, dtype: torch.dtype,
-                    batch_size: int = 1, progress: bool = True, max_shard_bytes: int = 2**30,
-                    activations_on_disk: str | Path | None = None, trust_remote_code: bool = False,
-                    schedule="uniform", **method_options):
+                    device: torch.device, dtype: torch.dtype, batch_size: int = 1, progress: bool = True,
+                    max_shard_bytes: int = 2**30, activations_on_disk: str | Path | None = None,
+                    trust_remote_code: bool = False, **prune_options):
     """Prune the checkpoint in ``folder`` layer by layer into shards written to ``output_folder``
     (the temporary folder of an atomic save; None on processes other than the main one).
-    Returns (PruneReport, config of the output)."""
+    prune_options: what ``llmprune.prune`` takes about the pruning (method, sparsity, pattern,
+    schedule, the method's options). Returns (PruneReport, config of the output)."""
     from .api import check_calibration, prune
     from .models.adapters import adapter_for
 
@@ -197,13 +197,12 @@ def prune_streaming(folder: str | Path, output_folder: Path | None, calibration:
     if writer is not None:
         copy_outside_layers(reader, writer, prefix, dtype)
     if calibration is not None:
-        check_calibration(model, calibration, f"method {method}")  # against the real vocabulary
+        check_calibration(model, calibration, f"method {prune_options.get('method', 'wanda')}")  # against the real vocabulary
         calibration = load_embedding_rows(model, reader, calibration, device, dtype)
     placement = StreamFromCheckpoint(model, reader, writer, prefix, device, dtype)
     placement.activation_folder = activations_on_disk
-    report = prune(model, calibration, method=method, sparsity=sparsity, pattern=pattern, device=device,
-                   batch_size=batch_size, progress=progress, placement=placement, schedule=schedule,
-                   **method_options)
+    report = prune(model, calibration, device=device, batch_size=batch_size, progress=progress,
+                   placement=placement, **prune_options)
     release_outside_layers(model, prefix)
     if writer is not None:
         writer.finish()

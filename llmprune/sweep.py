@@ -22,16 +22,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, data
-from .api import check_device, check_pattern_fits, check_sparsity, prune
+from . import __version__
 from .errors import UsageError
-from .evaluate import perplexity, tokenizer_adds_bos
 from .guard import check_output_folder, claim_output
-from .methods import METHODS, parse_pattern
-from .models.adapters import adapter_for
-from .models.loading import load_model
 from .jsonreport import report_json
-from .schedules import check_owl_options, owl_outlier_ratios, parse_schedule
+from .methods import METHODS, parse_pattern
+from .methods.masks import check_sparsity
+from .schedules import owl_outlier_ratios, parse_schedule
 
 
 @dataclass(frozen=True)
@@ -100,110 +97,137 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, calib_data=("default",),
-              eval_data=("default",), nsamples: int = 32, seqlen: int = 512, seed: int = 0,
-              eval_seqlen: int = 1024, eval_tokens: int = 16384, device: str = "auto", dtype: str = "auto",
-              batch_size: int = 1, owl_m: float = 5.0, owl_lambda: float = 0.08, overwrite: bool = False,
-              progress: bool = True, trust_remote_code: bool = False, note: str = "",
-              method_options: dict | None = None) -> dict:
-    """Run every SweepRun on ``model``; write sweep.json (after every run), sweep.md and sweep.png
-    into ``output``. Returns the results dictionary. method_options: method name -> its options
-    (e.g. {"sparsegpt": {"blocksize": 64}}), given to that method's runs."""
-    started = time.perf_counter()
+class DenseWeights:
+    """A copy of the dense decoder weights ([out, in] per linear projection), restored before every run."""
+
+    def __init__(self, model):
+        from .models.adapters import adapter_for
+
+        self.model, self.adapter = model, adapter_for(model)
+        self.weights = {key: linear.weight.detach().clone() for key, linear in self._linears()}
+
+    def _linears(self):
+        for i, layer in enumerate(self.adapter.layers(self.model)):
+            for group in self.adapter.linear_groups(layer):
+                for name, linear in group:
+                    yield f"{i}.{name}", linear
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for key, linear in self._linears():
+                linear.weight.copy_(self.weights[key])
+
+
+def sweep_spec(model: str, runs: list[SweepRun], output, settings: dict, method_options: dict | None):
+    """The sweep as one ``job.RunSpec``: the run options (data, device, ...) and one unstructured
+    stage per SweepRun, each checked before anything is loaded. settings: RUN_OPTIONS values and
+    owl_m / owl_lambda; method_options: method name -> its options (e.g. {"sparsegpt": {"blocksize": 64}})."""
+    from .job import RUN_OPTIONS, RunSpec
+    from .options import check_values
+    from .stages import stage_for
+
+    settings = dict(settings)
+    if "progress" in settings:  # the Python API's spelling
+        settings["no_progress"] = not settings.pop("progress")
+    owl = {name: settings.pop(name) for name in ("owl_m", "owl_lambda") if name in settings}
+    unknown = sorted(set(settings) - {o.name for o in RUN_OPTIONS})
+    if unknown:
+        raise UsageError(f"run_sweep takes no option {', '.join(map(repr, unknown))}")
     if not runs:
         raise UsageError("the sweep has no runs")
-    folder = check_output_folder(output, overwrite, marker="sweep.json", model=model)
-    from .job import resolve_dtype
+    values = check_values(RUN_OPTIONS, {**settings, "model": model, "output": str(output)})
+    stages = []
+    for run in runs:
+        own = (method_options or {}).get(run.method) or {}
+        given = {"pattern": run.pattern, "schedule": run.schedule, **owl, **own}
+        if run.pattern == "unstructured":
+            given["sparsity"] = run.sparsity
+        stages.append(stage_for(run.method, given))
+    spec = RunSpec(values, stages, command="sweep", sample_prompt=None)
+    if spec.eval_sources is None:
+        raise UsageError("a sweep measures perplexity: --eval-data none is not possible")
+    return spec
 
-    compute = check_device(device)
-    dtype = resolve_dtype(dtype, compute)
-    if any(r.schedule == "owl" for r in runs):
-        check_owl_options(owl_m, owl_lambda)
-    data.check_sources(calib_data)
-    data.check_sources(eval_data)
 
-    claim_output(folder, overwrite)  # every check passed: lock the output for the whole sweep
+def run_sweep(model: str, runs: list[SweepRun], *, output: str | os.PathLike, note: str = "",
+              method_options: dict | None = None, **settings) -> dict:
+    """Run every SweepRun on ``model``; write sweep.json (after every run), sweep.md and sweep.png
+    into ``output``. Returns the results dictionary. settings: the run options of ``job.RUN_OPTIONS``
+    (calib_data, eval_data, nsamples, seqlen, seed, eval_seqlen, eval_tokens, device, dtype,
+    batch_size, overwrite, no_progress, no_cache, trust_remote_code, max_data_bytes) and owl_m,
+    owl_lambda; method_options: method name -> its options, given to that method's runs."""
+    spec = sweep_spec(model, runs, output, settings, method_options)
+    from .data import max_data_bytes
+
+    with max_data_bytes(spec.max_data_bytes):
+        return _sweep(spec, runs, note)
+
+
+def _sweep(spec, runs: list[SweepRun], note: str) -> dict:
+    """Load once, measure the dense model once (or take it from the cache), then apply each stage
+    to the restored dense weights and measure it."""
+    from . import job
+
+    started = time.perf_counter()
+    folder = check_output_folder(spec.output, spec.overwrite, marker="sweep.json", model=spec.model)
+    prepared = job.prepare(spec)
+    if prepared["group"] is not None:
+        raise UsageError("sweep runs in one process (not under accelerate launch)")
+    claim_output(folder, spec.overwrite)  # every check passed: lock the output for the whole sweep
+    loaded = job.load(spec, prepared)
+    dense = DenseWeights(loaded.model)
+    results = _header(spec, loaded, note)
     t = time.perf_counter()
-    lm, tokenizer = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    adapter = adapter_for(lm)
-    for pattern in {r.pattern for r in runs if r.pattern != "unstructured"}:
-        check_pattern_fits(lm, parse_pattern(pattern))
-    load_s = time.perf_counter() - t
-    # The dense decoder weights, restored before every run: [out, in] per linear projection.
-    dense = {f"{i}.{name}": linear.weight.detach().clone()
-             for i, layer in enumerate(adapter.layers(lm))
-             for group in adapter.linear_groups(layer) for name, linear in group}
-
-    def restore() -> None:
-        with torch.no_grad():
-            for i, layer in enumerate(adapter.layers(lm)):
-                for group in adapter.linear_groups(layer):
-                    for name, linear in group:
-                        linear.weight.copy_(dense[f"{i}.{name}"])
-
-    t = time.perf_counter()
-    needs_calibration = any(METHODS[r.method].needs_calibration or r.schedule == "owl" for r in runs)
-    calibration = data.calibration_ids(tokenizer, calib_data, nsamples, seqlen, seed) if needs_calibration else None
-    evaluation = data.evaluation_ids(tokenizer, eval_data, eval_tokens or None, eval_seqlen)
-    data_s = time.perf_counter() - t
-    bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-
-    def measure() -> dict:
-        lm.to(compute)
-        try:
-            return perplexity(lm, evaluation, eval_seqlen, bos, compute, progress).as_dict()
-        finally:
-            lm.to("cpu")
-
-    results = {
-        "llmprune_version": __version__, "model": model, "device": str(compute), "dtype": dtype,
-        "threads": torch.get_num_threads(), "calib_data": list(calib_data) if needs_calibration else None,
-        "eval_data": list(eval_data), "nsamples": nsamples if needs_calibration else 0,
-        "seqlen": seqlen if needs_calibration else 0, "seed": seed, "eval_seqlen": eval_seqlen,
-        "eval_tokens": eval_tokens, "note": note,
-        "reused": "model load, tokenised calibration and evaluation data, dense perplexity, OWL outlier ratios",
-        "timings": {"load_s": load_s, "data_s": data_s}, "dense": None, "owl": None, "runs": [],
-    }
-
-    def save_json() -> None:
-        folder.mkdir(parents=True, exist_ok=True)  # only once there is something to write
-        _write_atomic(folder / "sweep.json",
-                      lambda p: p.write_text(report_json(results, indent=2) + "\n", encoding="utf-8"))
-
-    t = time.perf_counter()
-    results["dense"] = measure()
+    results["dense"] = job.measure(loaded, loaded.model, dense=True, speed=False)["perplexity"]
     results["timings"]["dense_eval_s"] = time.perf_counter() - t
-    ratios = None
-    if any(r.schedule == "owl" for r in runs):
-        t = time.perf_counter()
-        ratios = owl_outlier_ratios(lm, calibration, compute, owl_m, batch_size, progress)
-        results["owl"] = {"owl_m": owl_m, "owl_lambda": owl_lambda, "outlier_ratios": ratios,
-                          "seconds": time.perf_counter() - t}
-    save_json()
-    for index, run in enumerate(runs):
-        if progress:
+    owl = [stage for stage in spec.stages if stage.schedule == "owl"]
+    if owl:  # measured once on the dense model: they do not depend on the target
+        t, values = time.perf_counter(), owl[0].values
+        loaded.outlier_ratios = owl_outlier_ratios(loaded.model, loaded.calibration, loaded.compute, values["owl_m"],
+                                                   spec.batch_size, spec.progress)
+        results["owl"] = {"owl_m": values["owl_m"], "owl_lambda": values["owl_lambda"],
+                          "outlier_ratios": loaded.outlier_ratios, "seconds": time.perf_counter() - t}
+    _save_json(folder, results)
+    for index, (run, stage) in enumerate(zip(runs, spec.stages)):
+        if spec.progress:
             print(f"sweep {index + 1}/{len(runs)}: {run.method} {run.label}", flush=True)
-        restore()
-        options = dict((method_options or {}).get(run.method) or {})
-        report = prune(lm, calibration if METHODS[run.method].needs_calibration or run.schedule == "owl" else None,
-                       method=run.method, sparsity=None if run.pattern != "unstructured" else run.sparsity,
-                       pattern=None if run.pattern == "unstructured" else run.pattern, device=compute,
-                       batch_size=batch_size, progress=progress, schedule=run.schedule, owl_m=owl_m,
-                       owl_lambda=owl_lambda, outlier_ratios=ratios, **options)
+        dense.restore()
+        report = stage.apply(loaded).report
         t = time.perf_counter()
-        ppl = measure()
+        ppl = job.measure(loaded, loaded.model, dense=False, speed=False)["perplexity"]
         results["runs"].append({
             "method": run.method, "pattern": run.pattern, "schedule": run.schedule, "label": run.label,
-            "target_sparsity": run.sparsity, "realised_sparsity": report.overall_sparsity,
-            "per_layer_sparsity": report.per_layer_sparsity, "schedule_per_layer": report.schedule["per_layer"],
-            "perplexity": ppl["perplexity"], "prune_s": report.seconds, "eval_s": time.perf_counter() - t})
-        save_json()
-    restore()
+            "target_sparsity": run.sparsity, "realised_sparsity": report["overall_sparsity"],
+            "per_layer_sparsity": report["per_layer_sparsity"], "schedule_per_layer": report["schedule"]["per_layer"],
+            "perplexity": ppl["perplexity"], "prune_s": report["seconds"], "eval_s": time.perf_counter() - t})
+        _save_json(folder, results)
+    dense.restore()
     results["timings"]["total_s"] = time.perf_counter() - started
-    save_json()
+    _save_json(folder, results)
     _write_atomic(folder / "sweep.md", lambda p: p.write_text(markdown_table(results), encoding="utf-8"))
     _write_atomic(folder / "sweep.png", lambda p: plot(results, p))
     return results
+
+
+def _header(spec, loaded, note: str) -> dict:
+    """sweep.json before any run: the setup, what was reused, the load and data timings."""
+    needs_calibration = spec.needs_data()
+    return {
+        "llmprune_version": __version__, "model": spec.model, "device": str(loaded.compute), "dtype": loaded.dtype,
+        "threads": torch.get_num_threads(), "calib_data": list(spec.calib_data) if needs_calibration else None,
+        "eval_data": list(spec.eval_data), "nsamples": spec.nsamples if needs_calibration else 0,
+        "seqlen": spec.seqlen if needs_calibration else 0, "seed": spec.seed, "eval_seqlen": spec.eval_seqlen,
+        "eval_tokens": spec.eval_tokens, "note": note,
+        "reused": "model load, tokenised calibration and evaluation data, dense perplexity, OWL outlier ratios",
+        "timings": {"load_s": loaded.timings["load_s"], "data_s": loaded.timings["data_s"]}, "dense": None,
+        "owl": None, "runs": [],
+    }
+
+
+def _save_json(folder: Path, results: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)  # only once there is something to write
+    _write_atomic(folder / "sweep.json",
+                  lambda p: p.write_text(report_json(results, indent=2) + "\n", encoding="utf-8"))
 
 
 def _setup_line(results: dict) -> str:

@@ -251,7 +251,7 @@ def test_max_data_bytes_caps_every_command(command, model_dir, sample, work, cap
                            "--output", str(work / "out")]}[command]
 
     refused(capsys, argv("1000"), "text.txt", "--max-data-bytes 1000", workdir=work)
-    refused(capsys, argv("0"), "--max-data-bytes", "positive", workdir=work)
+    refused(capsys, argv("0"), "--max-data-bytes must be an integer >= 1", workdir=work)
 
 
 def test_max_data_bytes_counts_all_files_together(tmp_path):

@@ -125,8 +125,7 @@ def test_hostile_output_targets_are_refused_before_any_work(world, monkeypatch, 
     before, top = snapshot(root), sorted(os.listdir("/"))
     model_before = snapshot(world["model"])
     loaded = []
-    for where in ("llmprune.models.loading", "llmprune.sweep"):
-        monkeypatch.setattr(f"{where}.load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("llmprune.models.loading.load_model", lambda *a, **k: loaded.append(1))  # the one loader
     started = time.perf_counter()
     rc = main(command(world, which, spelled(world, kind, spelling), overwrite))
     err = capsys.readouterr().err
@@ -309,10 +308,13 @@ def child_env(**extra) -> dict[str, str]:
     return env
 
 
-def start(model_folder, calib_file, out: Path, **env) -> subprocess.Popen:
+def start(model_folder, calib_file, out: Path, save_delay: float | None = None) -> subprocess.Popen:
+    """A pruning run in a child process; save_delay: its pause after each step of the save."""
     argv = ["--model", str(model_folder), "--calib-data", str(calib_file), "--output", str(out), *FAST,
             "--method", "magnitude"]
-    return subprocess.Popen([sys.executable, "-m", "llmprune", *argv], cwd=out.parent, env=child_env(**env),
+    program = ["-m", "llmprune"] if save_delay is None else [str(ROOT / "tests" / "run_with_save_delay.py"),
+                                                             str(save_delay)]
+    return subprocess.Popen([sys.executable, *program, *argv], cwd=out.parent, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -326,7 +328,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
 
 def test_two_runs_to_one_output_one_succeeds_the_other_is_refused_at_once(model_folder, calib_file, tmp_path):
     out = tmp_path / "out"
-    first = start(model_folder, calib_file, out, LLMPRUNE_TEST_SAVE_DELAY="3")  # holds the lock >= 18 s
+    first = start(model_folder, calib_file, out, save_delay=3)  # holds the lock >= 18 s
     wait_for((tmp_path / ".out.llmprune.lock").exists, first)
     second = start(model_folder, calib_file, out)
     _, err = second.communicate(timeout=240)
@@ -345,8 +347,8 @@ def test_sigterm_during_and_after_the_save_cleans_up_and_exits_143(model_folder,
     once the folder is in place (held until the install is done: the folder is complete)."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    during = start(model_folder, calib_file, tmp_path / "a" / "out", LLMPRUNE_TEST_SAVE_DELAY="1")
-    after = start(model_folder, calib_file, tmp_path / "b" / "out", LLMPRUNE_TEST_SAVE_DELAY="1")
+    during = start(model_folder, calib_file, tmp_path / "a" / "out", save_delay=1)
+    after = start(model_folder, calib_file, tmp_path / "b" / "out", save_delay=1)
 
     def weights_written() -> bool:
         return any((p / "model.safetensors").exists() for p in (tmp_path / "a").glob(".out.tmp-*"))

@@ -117,7 +117,7 @@ def reference(tmp_path_factory, model_folder, calib_file):
 
 # ----------------------------------------------------------------------------- kills during saving
 
-DELAY = 0.2  # LLMPRUNE_TEST_SAVE_DELAY: a pause of this after each step of save_folder (see save.py)
+DELAY = 0.2  # a pause of this after each step of save_folder (tests/run_with_save_delay.py)
 # (signal, replace an existing folder?, range of the kill point): point k.f = a fraction f of the
 # pause after step k, seen done on disk: 0 temporary folder made, 1 weights, 2 tokenizer, 3 model
 # card, 4 report and flush, 5 the folder put in place (an old one swapped out in one step; it is
@@ -178,7 +178,7 @@ def test_kills_during_save_leave_target_absent_old_or_complete(tmp_path, model_f
     rng.seed(seed)
     cases = [(sig, replace, rng.uniform(*span)) for sig, replace, span in KILLS]
     old_bytes = folder_bytes(reference["old"])
-    env = child_env(threads=1, LLMPRUNE_TEST_SAVE_DELAY=str(DELAY))
+    env = child_env(threads=1)
     previous = signal.getsignal(signal.SIGINT)
     if previous is signal.SIG_IGN:  # children must start with SIGINT handled (Python's KeyboardInterrupt)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -190,7 +190,8 @@ def test_kills_during_save_leave_target_absent_old_or_complete(tmp_path, model_f
             if replace:
                 shutil.copytree(reference["old"], parent / "out")
             argv = cli(model_folder, calib_file, parent / "out", "--method", "wanda", *(["--overwrite"] if replace else []))
-            processes.append(subprocess.Popen([sys.executable, "-m", "llmprune", *argv], cwd=parent, env=env,
+            processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "run_with_save_delay.py"),
+                                               str(DELAY), *argv], cwd=parent, env=env,
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -22,11 +22,10 @@ def test_parse_sparsities_with_ellipsis():
 
 def test_sweep_writes_table_json_and_plot(tiny_folder, text_file, tmp_path, monkeypatch, capsys):
     import llmprune.data
-    import llmprune.sweep
 
     tokenised = []
     original = llmprune.data.calibration_ids
-    monkeypatch.setattr(llmprune.sweep.data, "calibration_ids",
+    monkeypatch.setattr(llmprune.data, "calibration_ids",
                         lambda *a, **k: tokenised.append(1) or original(*a, **k))
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", str(tiny_folder), "--methods", "magnitude,wanda", "--sparsities", "0.3,0.6",

@@ -303,13 +303,12 @@ def calibrate(model: nn.Module, fitted: Fitted, *, early_exit: bool = True, toke
                           target_met=met)
 
 
-def _report(fitted, state, *, early_exit, token_skip, lossless, max_ppl_increase, min_agreement, metrics,
-            simulated, searched, draft, maps, started, target_met) -> DynamicReport:
+def _report(fitted, state, *, metrics, searched, started, **fields) -> DynamicReport:
+    """fields: the DynamicReport fields the caller decides (early_exit, token_skip, lossless,
+    max_ppl_increase, min_agreement, target_met, simulated, draft, maps)."""
     return DynamicReport(
-        early_exit=early_exit, token_skip=token_skip, lossless=lossless, exit_layers=fitted.exit_layers,
-        exit_threshold=state.exit_threshold, skip_threshold=state.skip_threshold,
-        max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, target_met=target_met,
-        calibration=metrics, simulated=simulated, draft=draft, maps=maps,
+        **fields, exit_layers=fitted.exit_layers, exit_threshold=state.exit_threshold,
+        skip_threshold=state.skip_threshold, calibration=metrics,
         nsamples=int(fitted.table.window.max()) + 1, seqlen=int(fitted.holdout.shape[1]),
         holdout_windows=int(fitted.holdout.shape[0]), seconds=fitted.seconds + time.perf_counter() - started,
         searched=[{"kind": kind, "threshold": t, **m} for kind, t, m in searched])

@@ -15,8 +15,7 @@ import sys
 AUTO_MODULE = "transformers.models.auto.modeling_auto"
 
 
-def register_now() -> None:
-    """Register llmprune's uneven-layer classes for every family that has an adapter, now."""
+def register_all() -> None:
     from .adapters import ADAPTERS
     from .modeling_llmprune import register
 
@@ -37,7 +36,7 @@ class _AfterAutoImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            register_now()
+            register_all()
 
         spec.loader.exec_module = exec_module
         return spec
@@ -46,6 +45,6 @@ class _AfterAutoImport(importlib.abc.MetaPathFinder):
 def register_on_first_use() -> None:
     """Register now if the Auto mapping is already imported, else right after it is."""
     if AUTO_MODULE in sys.modules:
-        register_now()
+        register_all()
     elif not any(isinstance(finder, _AfterAutoImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _AfterAutoImport())

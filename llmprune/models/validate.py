@@ -254,9 +254,9 @@ def config_object(folder: Path, config: dict):
     whatever the family's own validation rejects, as one line."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .registration import register_now
+    from .registration import register_all
 
-    register_now()
+    register_all()
     model_type = config["model_type"]
     if model_type not in CONFIG_MAPPING:
         return None

@@ -10,7 +10,6 @@ gqa: groups, round_to: 1}``.
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from ..placement import execution_device, onloaded
 from ..checkpoint import LayerCheckpoint, run_fingerprint
 from ..errors import UsageError
 from ..evaluate import count_parameters
+from ..options import check_values
+from ..stages.structured import Structured, check_something_removed
 from ..models.adapters import HeadGeometry, adapter_for, adapter_for_config, base_model_type, head_channels
 from . import surgery
 from .scores import (ChannelStats, LayerChange, kv_head_scores, neuron_scores, query_head_scores,
@@ -71,37 +72,25 @@ def _kept_count(total: int, fraction: float, multiple: int, what: str) -> int:
     return min(feasible, key=lambda k: (abs(k - target), -k))
 
 
-def check_structured_options(heads: float = 0.0, ffn: float = 0.0, layers: int = 0, score: str = "wanda",
-                             allocation: str = "uniform", gqa: str = "groups", round_to: int = 1,
-                             round_heads_to: int = 1) -> None:
-    """The checks that need no model: types, ranges and names."""
-    for name, value in (("heads", heads), ("ffn", ffn)):
-        try:
-            ok = isinstance(value, numbers.Real) and 0.0 <= float(value) < 1.0
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            raise UsageError(f"--{name} must be a fraction in [0, 1), got {value!r}")
-    if score not in SCORES:
-        raise UsageError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
-    if allocation not in ALLOCATIONS:
-        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-    if gqa not in GQA_MODES:
-        raise UsageError(f"--gqa must be one of {', '.join(GQA_MODES)}, got {gqa!r}")
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-        raise UsageError(f"--layers must be a whole number of layers >= 0, got {layers!r}")
-    for name, value in (("round-to", round_to), ("round-heads-to", round_heads_to)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"--{name} must be a positive integer, got {value!r}")
-    if heads == ffn == 0 and layers == 0:
-        raise UsageError("structured pruning needs --heads, --ffn or --layers")
+def check_structured_options(options: dict) -> dict:
+    """The checks that need no model: types, ranges and names, as the structured stage declares
+    them (``Structured.options``: one declaration for flags, recipe keys and this Python API);
+    returns every option, defaults filled in."""
+    declared = Structured.options
+    unknown = sorted(set(options) - {o.name for o in declared})
+    if unknown:
+        raise UsageError(f"structured pruning takes no option {', '.join(map(repr, unknown))}; its options: "
+                         f"{', '.join(o.name for o in declared)}")
+    values = check_values(declared, options)
+    check_something_removed(values)
+    return values
 
 
-def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int = 0, score: str = "wanda",
-                     allocation: str = "uniform", gqa: str = "groups", round_to: int = 1,
-                     round_heads_to: int = 1) -> None:
-    """Refuse impossible requests before any work (config only)."""
-    check_structured_options(heads, ffn, layers, score, allocation, gqa, round_to, round_heads_to)
+def check_structured(config, **options) -> dict:
+    """Refuse impossible requests before any work (config only); returns every option."""
+    values = check_structured_options(options)
+    heads, ffn, layers, gqa, allocation = (values[k] for k in ("heads", "ffn", "layers", "gqa", "allocation"))
+    round_to, round_heads_to = values["round_to"], values["round_heads_to"]
     if not layers < config.num_hidden_layers:
         raise UsageError(f"--layers must be in [0, {config.num_hidden_layers - 1}] for a model of "
                          f"{config.num_hidden_layers} layers, got {layers!r}")
@@ -124,6 +113,7 @@ def check_structured(config, heads: float = 0.0, ffn: float = 0.0, layers: int =
                                  f"{per_group * kv_heads} heads, not a multiple of --round-heads-to {round_heads_to}")
     if ffn:
         _kept_count(width, ffn, round_to, "FFN neurons")
+    return values
 
 
 def _new_layer_statistics(adapter, layer: nn.Module, device: torch.device, group=None) -> dict:
@@ -221,15 +211,14 @@ def structured_checkpoint(folder: str | os.PathLike, model: nn.Module, calibrati
     return checkpoint
 
 
-def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, *, heads: float = 0.0,
-                     ffn: float = 0.0, layers: int = 0, score: str = "wanda", allocation: str = "uniform",
-                     gqa: str = "groups", round_to: int = 1, round_heads_to: int = 1,
-                     device: str | torch.device | None = None, batch_size: int = 1,
-                     progress: bool = True, statistics: list[dict] | None = None,
-                     checkpoint: str | os.PathLike | LayerCheckpoint | None = None,
-                     run_identity: dict | None = None) -> StructuredReport:
+def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, *,
+                     device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
+                     statistics: list[dict] | None = None, checkpoint: str | os.PathLike | LayerCheckpoint | None = None,
+                     run_identity: dict | None = None, **options) -> StructuredReport:
     """Remove a fraction of attention heads and FFN neurons and K whole layers, in place.
 
+    options (declared by the structured stage, the same as the command line's): heads, ffn (fractions
+    removed), layers (count), score (default flap), allocation, gqa, round_to, round_heads_to.
     calibration [nsamples, seqlen] is needed unless score is magnitude and layers is 0.
     statistics: the output of ``collect_statistics`` on this (dense) model, to reuse one
     calibration pass for several prunings of copies of the same model. checkpoint: a folder (or
@@ -243,10 +232,9 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
     """
     adapter = adapter_for(model)
     config = model.config
-    options = dict(heads=heads, ffn=ffn, layers=layers, score=score, allocation=allocation, gqa=gqa,
-                   round_to=round_to, round_heads_to=round_heads_to)
-    check_structured(config, **options)
-    needs_data = score != "magnitude" or layers > 0
+    options = check_structured(config, **options)
+    score = options["score"]
+    needs_data = score != "magnitude" or options["layers"] > 0
     if (needs_data and statistics is None) or calibration is not None:
         check_calibration(model, calibration, "structured pruning with data-driven scores or --layers")
     device = check_device(device) if device is not None else next(model.parameters()).device
@@ -263,17 +251,37 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
             checkpoint = structured_checkpoint(checkpoint, model, calibration, options, batch_size, run_identity)
         stats = collect_statistics(model, calibration, device, batch_size, progress, checkpoint)
     change = [s["change"].value for s in stats] if stats else []
-    drop = layers_to_drop(change, layers)
+    drop = layers_to_drop(change, options["layers"])
     support = _bias_support(adapter, decoder_layers[0], config) if score == "flap" else {"attention": False, "mlp": False}
     if drop:
         surgery.remove_layers(model, decoder_layers, drop)
         stats = [s for i, s in enumerate(stats) if i not in drop]
+    sizes = _score_allocate_cut(adapter, decoder_layers, stats, options, geometry, support)
 
+    if support["attention"]:
+        config.attention_bias = True
+    if support["mlp"]:
+        config.mlp_bias = True
+    report = StructuredReport(score=score, allocation=options["allocation"], gqa=options["gqa"], removed_layers=drop,
+                              layer_change=change, layer_sizes=sizes, parameters_before=before,
+                              parameters_after=count_parameters(model)["parameters"],
+                              bias_compensation=support if score == "flap" else {},
+                              seconds=time.perf_counter() - started)
+    _rewrite_config(adapter, model, sizes, geometry.head_dim, report.uniform)
+    report.plain_config = not hasattr(model.config, "llmprune_layer_sizes")
+    return report
+
+
+def _score_allocate_cut(adapter, decoder_layers, stats, options: dict, geometry: HeadGeometry,
+                        support: dict) -> list[dict]:
+    """Score every head and neuron, decide how many each kept layer loses, cut them; returns the
+    new sizes of every layer."""
+    heads, ffn, score, gqa = options["heads"], options["ffn"], options["score"], options["gqa"]
     with torch.no_grad():
         head_scores, neuron_score_list = score_units(adapter, decoder_layers, stats, score, geometry, gqa,
                                                      heads=bool(heads), ffn=bool(ffn))
         remove_heads, remove_neurons = allocate_removals(len(decoder_layers), head_scores, neuron_score_list, heads,
-                                                         ffn, allocation, gqa, round_to)
+                                                         ffn, options["allocation"], gqa, options["round_to"])
         sizes = []
         for index, layer in enumerate(decoder_layers):
             kept = kept_heads(head_scores[index], remove_heads[index], gqa, geometry) if remove_heads[index] else None
@@ -281,19 +289,7 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
             cut_layer(adapter, layer, geometry, stats[index] if stats else None, score, support, kept, order,
                       remove_neurons[index])
             sizes.append(adapter.layer_sizes(layer, geometry.head_dim))
-
-    if support["attention"]:
-        config.attention_bias = True
-    if support["mlp"]:
-        config.mlp_bias = True
-    report = StructuredReport(score=score, allocation=allocation, gqa=gqa, removed_layers=drop, layer_change=change,
-                              layer_sizes=sizes, parameters_before=before,
-                              parameters_after=count_parameters(model)["parameters"],
-                              bias_compensation=support if score == "flap" else {},
-                              seconds=time.perf_counter() - started)
-    _rewrite_config(adapter, model, sizes, geometry.head_dim, report.uniform)
-    report.plain_config = not hasattr(model.config, "llmprune_layer_sizes")
-    return report
+    return sizes
 
 
 def layers_to_drop(change: list[float], count: int) -> list[int]:
