@@ -7,10 +7,11 @@ command line can check its arguments before any heavy module is loaded.
 from .errors import NumericalError, UsageError
 
 __version__ = "0.1.0"
-__all__ = ["NumericalError", "PruneReport", "StructuredReport", "UsageError", "prune", "prune_structured",
-           "__version__"]
+__all__ = ["NumericalError", "PruneReport", "StructuredReport", "UsageError", "load_sparse", "prune",
+           "prune_structured", "__version__"]
 
-_LAZY = {"PruneReport": "api", "prune": "api", "StructuredReport": "structured", "prune_structured": "structured"}
+_LAZY = {"PruneReport": "api", "prune": "api", "StructuredReport": "structured", "prune_structured": "structured",
+         "load_sparse": "sparse_format"}
 
 
 def __getattr__(name: str):

@@ -170,4 +170,26 @@ def run_eval_command(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command}
+def convert_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m llmprune convert",
+                description="Copy a model folder with its weights stored dense or sparse (each pruned linear "
+                            "weight as its non-zero values plus a bitmask); every other file is copied unchanged.")
+    p.add_argument("folder", metavar="FOLDER", help="a local model folder (dense, or llmprune's sparse format)")
+    p.add_argument("--to", required=True, choices=("dense", "sparse"), help="the storage of the copy")
+    p.add_argument("--output", required=True, metavar="DIR", help="the folder to write (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def run_convert_command(argv: list[str]) -> int:
+    args = convert_parser().parse_args(argv)
+    from .sparse_format import convert, folder_bytes
+
+    target = convert(args.folder, args.to, args.output, overwrite=args.overwrite)
+    before, after = folder_bytes(args.folder), folder_bytes(target)
+    print(f"wrote {target} ({args.to}): {after / 2**20:.1f} MiB, {after / before:.3f}x the {before / 2**20:.1f} MiB "
+          f"of {args.folder}", flush=True)
+    return 0
+
+
+SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command, "convert": run_convert_command}

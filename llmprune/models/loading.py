@@ -131,8 +131,13 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
                                                   local_files_only=local_only)
         placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory,
                                                    "offload_folder": offload_folder}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only,
-                                                     trust_remote_code=trust_remote_code, **placement)
+        if is_folder and _is_sparse(source):  # llmprune's sparse format: the installed decoder, never the folder's
+            from ..sparse_format import load_sparse
+
+            model = load_sparse(source, dtype=DTYPES[dtype], **placement)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local_only,
+                                                         trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as error:
         # The whole message on one line (some, such as a missing tokenizer's, end the first line with ":").
         text = " ".join(str(error).split()) or type(error).__name__
@@ -186,7 +191,7 @@ def remote_code(source: str, local_only: bool = True) -> list[str]:
                     continue
                 repo, _, reference = reference.rpartition("--")
                 module = reference.rsplit(".", 1)[0] + ".py"
-                if own and not repo and module == "modeling_llmprune.py":
+                if own and not repo and module in ("modeling_llmprune.py", SPARSE_MODELING):
                     continue
                 if not repo and module == DYNAMIC_MODELING and _family_type(config.get("model_type")):
                     continue  # llmprune.dynamic's loader: without trust_remote_code the static model loads
@@ -197,6 +202,13 @@ def remote_code(source: str, local_only: bool = True) -> list[str]:
 
 
 DYNAMIC_MODELING = "modeling_llmprune_dynamic.py"
+SPARSE_MODELING = "modeling_llmprune_sparse.py"
+
+
+def _is_sparse(folder: str) -> bool:
+    from ..sparse_format import is_sparse_folder
+
+    return is_sparse_folder(folder)
 
 
 def _family_type(model_type) -> bool:
