@@ -95,6 +95,12 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", "--tokens", dest="tokens", type=int, default=16384,
                    help="at most this many tokens (default 16384; 0 = all)")
     p.add_argument("--speed", action="store_true", help="measure prefill and decode tokens/s")
+    p.add_argument("--execute", default="dense", choices=("dense", "sparse", "2:4"),
+                   help="dense (default); sparse: on the CPU, each decoder linear layer keeps whichever of dense, "
+                        "CSR and 32x32 BSR is fastest at --execute-tokens; 2:4: semi-structured sparse kernels on "
+                        "an NVIDIA GPU (a 2:4 model in float16/bfloat16). With --speed, dense is measured too")
+    p.add_argument("--execute-tokens", type=int, default=64, metavar="N",
+                   help="with --execute sparse: the token batch the kernels are timed at (default 64)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
     p.add_argument("--limit", type=float, default=None, help="lm_eval: examples per task (or fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm_eval: few-shot examples")
@@ -105,6 +111,31 @@ def eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _execute(args, model, compute, results: dict, rows: list) -> None:
+    """--execute sparse|2:4: put the sparse kernels in place (measuring dense speed first with
+    --speed), and add what was chosen to the results."""
+    from .evaluate import measure_speed
+
+    if args.speed:
+        results["speed_dense"] = measure_speed(model, compute, progress=not args.no_progress)
+    if args.execute == "sparse":
+        from .sparse_execute import compare_prefill, execute_sparse
+
+        execution = execute_sparse(model, tokens=args.execute_tokens)
+        results["execution"] = {"kind": "sparse", **execution.report()}
+        if execution.switched:
+            results["execution"]["prefill"] = compare_prefill(execution)
+    else:
+        from .sparse_execute import execute_semi_structured
+
+        results["execution"] = {"kind": "2:4", **execute_semi_structured(model)}
+    rows.append(("execution", results["execution"]["summary"]))
+    prefill = results["execution"].get("prefill")
+    if prefill:
+        rows.append(("prefill", f"{prefill['tokens']} tokens: {prefill['speedup_with_head']:.2f}x dense with the LM "
+                                f"head, {prefill['speedup_without_head']:.2f}x without"))
+
+
 def run_eval_command(argv: list[str]) -> int:
     import json
     import time
@@ -112,6 +143,10 @@ def run_eval_command(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
     if args.seqlen < 2 or args.tokens < 0:
         raise UsageError("--eval-seqlen must be >= 2 and --eval-tokens >= 0")
+    if args.execute_tokens < 1:
+        raise UsageError(f"--execute-tokens must be >= 1, got {args.execute_tokens}")
+    if args.execute == "sparse" and args.device not in ("auto", "cpu"):
+        raise UsageError("--execute sparse runs on the CPU (torch's sparse matmul): use --device cpu")
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     sources = None if [s.lower() for s in args.data] == ["none"] else args.data
     if sources is None and not tasks and not args.speed:
@@ -136,10 +171,16 @@ def run_eval_command(argv: list[str]) -> int:
         transformers.utils.logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(compute)
+    if args.execute == "2:4":  # refused before any measurement
+        from .sparse_execute import check_semi_structured
+
+        check_semi_structured(model)
     results = {"model": args.model, "device": str(compute), "dtype": dtype,
                "parameters": count_parameters(model), "weight_bytes": weight_bytes(model)}
     rows = [("model", args.model), ("parameters", f"{results['parameters']['nonzero']:,} nonzero of "
                                                    f"{results['parameters']['parameters']:,}")]
+    if args.execute != "dense":
+        _execute(args, model, compute, results, rows)
     if sources is not None:
         ids = data.evaluation_ids(tokenizer, sources, args.tokens or None, args.seqlen, flag="--eval-seqlen")
         bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
@@ -150,6 +191,10 @@ def run_eval_command(argv: list[str]) -> int:
         results["speed"] = measure_speed(model, compute, progress=not args.no_progress)
         rows.append(("speed", f"prefill {results['speed']['prefill_tokens_per_s']:.0f} tokens/s, decode "
                               f"{results['speed']['decode_tokens_per_s']:.1f} tokens/s"))
+        if "speed_dense" in results:
+            dense = results["speed_dense"]
+            rows.append(("vs dense", f"prefill {results['speed']['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}x, "
+                                     f"decode {results['speed']['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x"))
     if tasks:
         from .harness import run_tasks
 
