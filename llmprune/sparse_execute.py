@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from .errors import UsageError
 
 BSR_BLOCK = 32
+MARGIN = 1.1  # a sparse kernel must be this many times faster than dense to replace it
 
 
 class SparseLinear(nn.Module):
@@ -53,15 +55,18 @@ class SparseLinear(nn.Module):
 def sparse_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """A dense [out, in] weight as float32 CSR with int32 indices, or 32 x 32 BSR."""
     dense = weight.detach().float()
-    if kind == "csr":
-        csr = dense.to_sparse_csr()
-        return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape)
-    return dense.to_sparse_bsr((BSR_BLOCK, BSR_BLOCK))
+    with warnings.catch_warnings():  # "sparse CSR tensor support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        if kind == "csr":
+            csr = dense.to_sparse_csr()
+            return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(),
+                                           csr.shape)
+        return dense.to_sparse_bsr((BSR_BLOCK, BSR_BLOCK))
 
 
 @dataclass
 class KernelChoice:
-    """One layer's timings (median milliseconds per call at ``tokens`` tokens) and the kernel kept."""
+    """One layer's timings (least milliseconds per call over the rounds, at ``tokens`` tokens) and the kernel kept."""
 
     name: str
     shape: list
@@ -72,10 +77,10 @@ class KernelChoice:
     chosen: str
 
 
-def _median_times(calls: dict, repeats: int) -> dict:
-    """Median seconds of each zero-argument call, timed interleaved (one of each per round), so that
-    the load of a shared machine falls on all of them alike. Each is run enough times per round to
-    take about 2 ms."""
+def _median_times(calls: dict, repeats: int, best: bool = False) -> dict:
+    """Median (or with ``best`` the least) seconds of each zero-argument call, timed interleaved (one
+    of each per round), so that the load of a shared machine falls on all of them alike. Each is run
+    enough times per round to take about 2 ms."""
     for call in calls.values():  # warm-up
         call()
     started = time.perf_counter()
@@ -88,12 +93,16 @@ def _median_times(calls: dict, repeats: int) -> dict:
             for _ in range(inner):
                 call()
             times[name].append((time.perf_counter() - started) / inner)
-    return {name: statistics.median(values) for name, values in times.items()}
+    pick = min if best else statistics.median
+    return {name: pick(values) for name, values in times.items()}
 
 
-def choose_kernel(name: str, linear: nn.Linear, tokens: int, repeats: int = 5) -> tuple[KernelChoice, nn.Module]:
+def choose_kernel(name: str, linear: nn.Linear, tokens: int, repeats: int = 5,
+                  margin: float = MARGIN) -> tuple[KernelChoice, nn.Module]:
     """Time dense, CSR and BSR for one linear layer on ``tokens`` random float32 inputs; return the
-    choice and the module to use (``linear`` itself when dense is fastest)."""
+    choice and the module to use (``linear`` itself unless a sparse kernel is ``margin`` times
+    faster than dense). Each is timed by its least time over ``repeats`` interleaved rounds: other
+    processes on the machine only ever add time."""
     weight = linear.weight.detach()
     x = torch.randn(tokens, linear.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     candidates = {"dense": (lambda: linear(x))}
@@ -105,8 +114,10 @@ def choose_kernel(name: str, linear: nn.Linear, tokens: int, repeats: int = 5) -
     for kind, module in modules.items():
         candidates[kind] = (lambda m=module: m(x))
     with torch.no_grad():
-        median = _median_times(candidates, repeats)
+        median = _median_times(candidates, repeats, best=True)
     chosen = min(median, key=median.get)
+    if median[chosen] * margin > median["dense"]:
+        chosen = "dense"
     choice = KernelChoice(name, list(weight.shape), float((weight == 0).float().mean()), median["dense"] * 1e3,
                           median["csr"] * 1e3, median["bsr"] * 1e3 if "bsr" in median else None, chosen)
     return choice, linear if chosen == "dense" else modules[chosen]
@@ -151,7 +162,7 @@ class SparseExecution:
         return dense / max(chosen, 1e-12)
 
     def report(self) -> dict:
-        return {"tokens": self.tokens, "summary": self.summary(), "switched": [c.name for c in self.switched],
+        return {"tokens": self.tokens, "threads": torch.get_num_threads(), "summary": self.summary(), "switched": [c.name for c in self.switched],
                 "decoder_linear_speedup": self.linear_speedup(), "layers": [asdict(c) for c in self.choices]}
 
 

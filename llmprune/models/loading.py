@@ -127,11 +127,13 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
             raise UsageError(f"model {name!r} ships its own Python code ({', '.join(code)}, named by auto_map); "
                              f"it is never run without --trust-remote-code")
     try:
+        sparse = is_folder and _is_sparse(source)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  local_files_only=local_only)
+                                                  local_files_only=local_only,
+                                                  **({"config": _sparse_config(source)} if sparse else {}))
         placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory,
                                                    "offload_folder": offload_folder}
-        if is_folder and _is_sparse(source):  # llmprune's sparse format: the installed decoder, never the folder's
+        if sparse:  # llmprune's sparse format: the installed decoder, never the folder's
             from ..sparse_format import load_sparse
 
             model = load_sparse(source, dtype=DTYPES[dtype], **placement)
@@ -209,6 +211,18 @@ def _is_sparse(folder: str) -> bool:
     from ..sparse_format import is_sparse_folder
 
     return is_sparse_folder(folder)
+
+
+def _sparse_config(folder: str):
+    """The dense family config of a sparse folder (what its tokenizer is looked up by)."""
+    import json
+
+    from ..sparse_format import fmt
+
+    try:
+        return fmt.dense_config(json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8")))
+    except fmt.SparseFormatError as error:
+        raise UsageError(f"cannot load sparse folder {folder!r}: {error}") from None
 
 
 def _family_type(model_type) -> bool:
