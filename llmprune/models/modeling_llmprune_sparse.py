@@ -42,6 +42,7 @@ SINGLE_FILE = "model.sparse.safetensors"
 INDEX_FILE = "model.sparse.safetensors.index.json"
 VALUES, BITMASK = ".sparse_values", ".sparse_bitmask"
 SHAPES_KEY = "llmprune_sparse_shapes"  # safetensors metadata: {dense name: shape}, JSON text
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BASE_CONFIG = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
 
 
@@ -64,13 +65,16 @@ def decode(name: str, values: torch.Tensor, bitmask: torch.Tensor, shape: list[i
     bits = np.unpackbits(bitmask.numpy(), bitorder="little")  # uint8 [8 * bytes]
     if bits[numel:].any():
         raise SparseFormatError(f"{name}: bitmask sets bits beyond the tensor's {numel} entries")
-    keep = torch.from_numpy(bits[:numel].view(np.bool_))
-    kept = int(keep.sum())
-    if values.dim() != 1 or values.numel() != kept:
-        raise SparseFormatError(f"{name}: {values.numel()} values stored but its bitmask keeps {kept}")
-    dense = torch.zeros(numel, dtype=values.dtype)
-    dense.masked_scatter_(keep, values)
-    return dense.view(shape)
+    positions = np.flatnonzero(bits[:numel].view(np.bool_))  # int64 [kept]: where the values go, in order
+    if values.dim() != 1 or values.numel() != positions.size:
+        raise SparseFormatError(f"{name}: {values.numel()} values stored but its bitmask keeps {positions.size}")
+    # numpy has no bfloat16: the bits are moved as integers of the same width. np.zeros takes
+    # zeroed pages from the system (no fill pass), and numpy runs on one thread, which on a busy
+    # machine is faster than torch's multi-threaded fill.
+    width = values.element_size()
+    dense = np.zeros(numel, dtype=f"<i{width}")
+    np.put(dense, positions, values.contiguous().view(_INT_VIEW[width]).numpy())
+    return torch.from_numpy(dense).view(values.dtype).view(shape)
 
 
 def weight_files(folder: Path) -> list[Path]:
