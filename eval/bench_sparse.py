@@ -5,7 +5,8 @@ Rows: the dense model, Wanda at 50 / 70 / 90% unstructured, 2:4, and block:32 at
 
 - bytes on disk of the dense folder and of the sparse folder (float32, and bfloat16), as a ratio;
 - load time (``llmprune.models.loading.load_model``) of the sparse folder / the dense folder:
-  medians of interleaved pairs, because the machine is shared;
+  medians of interleaved pairs, because the machine is shared; and the same with one 64-token
+  forward pass after loading (a dense folder is memory-mapped: its weights are read at first use);
 - perplexity on the first --eval-tokens tokens of persuasion (1024-token windows);
 - sparse CPU execution (``llmprune.sparse_execute``): the kernel chosen per decoder linear layer at
   a 64-token batch, the summed linear-layer speedup, and a 64-token prefill with and without the
@@ -83,6 +84,14 @@ def decode_ratio(execution, prompt_tokens: int = 64, new_tokens: int = 16, round
     return dense / max(sparse, 1e-9)
 
 
+def first_forward(model) -> None:
+    """One 64-token forward pass: a dense folder's weights are memory-mapped and read only now."""
+    import torch
+
+    with torch.no_grad():
+        model(torch.arange(64).unsqueeze(0), use_cache=False)
+
+
 def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work: Path) -> dict:
     import torch
 
@@ -107,10 +116,12 @@ def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work
             result[f"{dtype}_dense_bytes"], result[f"{dtype}_sparse_bytes"] = folder_bytes(dense), folder_bytes(sparse)
             result[f"{dtype}_bytes_ratio"] = result[f"{dtype}_sparse_bytes"] / result[f"{dtype}_dense_bytes"]
             if dtype == "float32":
-                loads = interleaved({"dense": lambda: load_model(str(dense)), "sparse": lambda: load_model(str(sparse))},
-                                    rounds=5)
+                loads = interleaved({"dense": lambda: load_model(str(dense)), "sparse": lambda: load_model(str(sparse)),
+                                     "dense_used": lambda: first_forward(load_model(str(dense))[0]),
+                                     "sparse_used": lambda: first_forward(load_model(str(sparse))[0])}, rounds=5)
                 result.update(load_dense_s=loads["dense"], load_sparse_s=loads["sparse"],
-                              load_ratio=loads["sparse"] / loads["dense"])
+                              load_ratio=loads["sparse"] / loads["dense"],
+                              load_and_forward_ratio=loads["sparse_used"] / loads["dense_used"])
     ppl = perplexity(model, evaluation, 1024, None, "cpu", progress=False)
     result["perplexity"] = ppl.perplexity
     execution = execute_sparse(model, tokens=64)
@@ -127,14 +138,14 @@ def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work
 def write_tables(results: list, header: dict) -> None:
     lines = ["# Sparse checkpoints and sparse CPU execution: SmolLM2-135M", "",
              f"{header['setup']}", "", f"Command: `{header['command']}`", "",
-             "| row | sparsity | ppl | fp32 sparse/dense bytes | bf16 sparse/dense bytes | load sparse/dense | "
+             "| row | sparsity | ppl | fp32 sparse/dense bytes | bf16 sparse/dense bytes | load sparse/dense | load + 1st forward | "
              "layers switched | linear layers speedup | prefill 64 with head | without head | decode |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         fmt = lambda key, spec=".2f": format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
         prefill = r.get("prefill") or {}
         lines.append(f"| {r['row']} | {fmt('realised_sparsity', '.3f')} | {r['perplexity']:.2f} | "
-                     f"{fmt('float32_bytes_ratio', '.3f')} | {fmt('bfloat16_bytes_ratio', '.3f')} | {fmt('load_ratio')} | "
+                     f"{fmt('float32_bytes_ratio', '.3f')} | {fmt('bfloat16_bytes_ratio', '.3f')} | {fmt('load_ratio')} | {fmt('load_and_forward_ratio')} | "
                      f"{r['switched']}/{r['layers']} | {r['decoder_linear_speedup']:.2f}x | "
                      f"{format(prefill['speedup_with_head'], '.2f') + 'x' if prefill else '-'} | "
                      f"{format(prefill['speedup_without_head'], '.2f') + 'x' if prefill else '-'} | "

@@ -238,3 +238,11 @@ def test_semi_structured_refuses_float32_and_unpruned_on_cuda():
         execute_semi_structured(model)
     with pytest.raises(UsageError, match="not 2:4 sparse"):
         execute_semi_structured(model.half())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a CPU-only machine")
+def test_eval_execute_2of4_refused_on_cpu(tiny_folder, capsys):
+    assert main(["eval", str(tiny_folder), "--execute", "2:4", "--eval-data", "none", "--speed", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --execute 2:4 needs the model on an NVIDIA GPU (semi-structured sparse kernels are CUDA "
+                   "only); it is on cpu")
