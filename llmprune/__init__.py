@@ -11,10 +11,11 @@ from .models.registration import register_on_first_use as _register_uneven_model
 _register_uneven_models()
 
 __version__ = "0.1.0"
-__all__ = ["NumericalError", "PruneReport", "StructuredReport", "UsageError", "prune", "prune_structured",
-           "__version__"]
+__all__ = ["NumericalError", "PruneReport", "StructuredReport", "UsageError", "load_sparse", "prune",
+           "prune_structured", "__version__"]
 
-_LAZY = {"PruneReport": "api", "prune": "api", "StructuredReport": "structured", "prune_structured": "structured"}
+_LAZY = {"PruneReport": "api", "prune": "api", "StructuredReport": "structured", "prune_structured": "structured",
+         "load_sparse": "sparse_format"}
 
 
 def __getattr__(name: str):

@@ -20,7 +20,7 @@ from .calibrate import prune_layerwise
 from .checkpoint import LayerCheckpoint, run_fingerprint
 from .errors import UsageError
 from .methods import METHODS, NMPattern, make_method, method_options, parse_pattern
-from .methods.masks import check_sparsity
+from .methods.masks import BlockPattern, check_sparsity
 from .models.adapters import adapter_for
 
 
@@ -95,9 +95,13 @@ def _check_method_options(method: str, options: dict) -> None:
         declared[name].check(value)
 
 
-def check_pattern_fits(model: nn.Module, pattern: NMPattern | None) -> None:
-    """Refuse an N:M pattern whose M does not divide the input width of every pruned matrix."""
+def check_pattern_fits(model: nn.Module, pattern: NMPattern | BlockPattern | None) -> None:
+    """Refuse an N:M pattern whose M does not divide the input width of every pruned matrix, and a
+    block:B pattern whose B does not divide both sides of every one."""
     if pattern is None:
+        return
+    if isinstance(pattern, BlockPattern):
+        _check_blocks_fit(model, pattern)
         return
     adapter = adapter_for(model)
     for index, layer in enumerate(adapter.layers(model)):
@@ -106,6 +110,16 @@ def check_pattern_fits(model: nn.Module, pattern: NMPattern | None) -> None:
                 if linear.in_features % pattern.m:
                     raise UsageError(f"--pattern {pattern}: model.layers.{index}.{name} has input width "
                                      f"{linear.in_features}, not a multiple of {pattern.m}")
+
+
+def _check_blocks_fit(model: nn.Module, pattern: BlockPattern) -> None:
+    adapter = adapter_for(model)
+    for index, layer in enumerate(adapter.layers(model)):
+        for group in adapter.linear_groups(layer):
+            for name, linear in group:
+                if linear.in_features % pattern.size or linear.out_features % pattern.size:
+                    raise UsageError(f"--pattern {pattern}: model.layers.{index}.{name} is {linear.out_features} x "
+                                     f"{linear.in_features}, not made of {pattern.size} x {pattern.size} blocks")
 
 
 def prune_checkpoint(folder: str | os.PathLike, model: nn.Module, calibration: torch.Tensor | None, method: str,
@@ -153,7 +167,7 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     schedule_options = {key: options.pop(key) for key in SCHEDULE_KEYWORDS if key in options}
     run_identity = options.pop("run_identity", None)
     # An NMPattern built by hand is checked like the text it stands for.
-    nm = parse_pattern(str(pattern) if isinstance(pattern, NMPattern) else pattern)
+    nm = parse_pattern(str(pattern) if isinstance(pattern, (NMPattern, BlockPattern)) else pattern)
     schedule, target = _schedule_and_target(schedule, sparsity, nm)
     adapter = adapter_for(model)
     check_pattern_fits(model, nm)
@@ -191,9 +205,9 @@ def _schedule_and_target(schedule, sparsity, nm: NMPattern | None) -> tuple:
             raise UsageError(f"--sparsity {sparsity} disagrees with the mean {mean:g} of the --schedule list; omit it")
         sparsity = mean
     if sparsity is None:
-        sparsity = nm.sparsity if nm else 0.5
+        sparsity = nm.sparsity if isinstance(nm, NMPattern) else 0.5
     target = check_sparsity(sparsity, nm)
-    if nm is not None and schedule != "uniform":
+    if isinstance(nm, NMPattern) and schedule != "uniform":
         raise UsageError(f"--schedule applies to unstructured sparsity; --pattern {nm} fixes every layer at "
                          f"{nm.sparsity:g}")
     return schedule, target

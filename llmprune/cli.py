@@ -12,7 +12,8 @@ from .options import check_values
 
 EPILOG = """\
 Subcommands: python -m llmprune sweep ... (prune many ways, plot perplexity against sparsity) and
-python -m llmprune eval MODEL_OR_FOLDER ... (measure a model or an output folder); each has --help.
+python -m llmprune eval MODEL_OR_FOLDER ... (measure a model or an output folder) and python -m llmprune
+convert FOLDER --to dense|sparse --output DIR (store the weights dense or sparse); each has --help.
 
 N:M patterns follow the SparseGPT/Wanda papers: in every group of M consecutive weights along the
 input dimension of each row, N are set to zero (2:4 and 4:8 both remove 50%). With --pattern N:M,
@@ -21,7 +22,7 @@ input dimension of each row, N are set to zero (2:4 and 4:8 both remove 50%). Wi
 Data SOURCEs: a .txt, .txt.gz, .jsonl (field "text") or .parquet file, or a folder of them; the
 presets wikitext2, c4, ptb (Hugging Face datasets, need the Hub or its cache); or "default", the
 docstrings of this Python's standard library (offline; calibration and evaluation parts share no
-file). Unstructured results are saved dense, with zeros.
+file). Unstructured results are saved dense, with zeros, unless --save-format sparse.
 
 Several processes: accelerate launch --num_processes N -m llmprune ... splits the calibration
 samples (on a CPU-only machine add --multi_gpu, which selects accelerate's torchrun launcher; gloo
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .stages import all_methods
 
     p = Parser(prog="python -m llmprune", usage="python -m llmprune [--recipe FILE] --model MODEL [options]\n"
-               "       python -m llmprune {sweep,eval} ...",
+               "       python -m llmprune {sweep,eval,convert} ...",
                description="Prune a Hugging Face causal LM and measure it.", epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=argparse.SUPPRESS, metavar="FILE",

@@ -39,6 +39,12 @@ EVAL_OPTIONS = (
            "--trust-remote-code)", metavar="DIR"),
     Option("seed", int, 0, "lm_eval: seed of the few-shot sampling"),
     Option("json", str, None, "also write the results as JSON here", metavar="FILE"),
+    Option("execute", str, "dense", "dense (default); sparse: on the CPU, each decoder linear layer keeps whichever "
+           "of dense, CSR and 32x32 BSR is fastest at --execute-tokens; 2:4: semi-structured sparse kernels on an "
+           "NVIDIA GPU (a 2:4 model in float16/bfloat16). With --speed, dense is measured too",
+           choices=("dense", "sparse", "2:4")),
+    Option("execute_tokens", int, 64, "with --execute sparse: the token batch the kernels are timed at (default 64)",
+           minimum=1, metavar="N"),
 )
 
 
@@ -133,6 +139,8 @@ def eval_spec(argv: list[str]):
     if own["tasks"] and not lm_eval_available():  # before loading anything
         raise UsageError(f"--tasks needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
     check_include_path(own["include_path"], spec.trust_remote_code)
+    if own["execute"] == "sparse" and spec.device not in ("auto", "cpu"):
+        raise UsageError("--execute sparse runs on the CPU (torch's sparse matmul): use --device cpu")
     if own["json"]:
         check_report_path(own["json"])
     return spec, own
@@ -154,6 +162,32 @@ def run_eval_command(argv: list[str]) -> int:
     return 0
 
 
+def _execute(spec, own: dict, loaded, results: dict, rows: list) -> None:
+    """--execute sparse|2:4: put the sparse kernels in place (measuring dense speed first with
+    --speed), and add what was chosen to the results."""
+    from .evaluate import measure_speed
+
+    model = loaded.model.to(loaded.compute)
+    if spec.speed:
+        results["speed_dense"] = measure_speed(model, loaded.compute, progress=spec.progress)
+    if own["execute"] == "sparse":
+        from .sparse_execute import compare_prefill, execute_sparse
+
+        execution = execute_sparse(model, tokens=own["execute_tokens"])
+        results["execution"] = {"kind": "sparse", **execution.report()}
+        if execution.switched:
+            results["execution"]["prefill"] = compare_prefill(execution)
+    else:
+        from .sparse_execute import execute_semi_structured
+
+        results["execution"] = {"kind": "2:4", **execute_semi_structured(model)}
+    rows.append(("execution", results["execution"]["summary"]))
+    prefill = results["execution"].get("prefill")
+    if prefill:
+        rows.append(("prefill", f"{prefill['tokens']} tokens: {prefill['speedup_with_head']:.2f}x dense with the LM "
+                                f"head, {prefill['speedup_without_head']:.2f}x without"))
+
+
 def _evaluate(spec, own: dict) -> tuple[dict, list]:
     """prepare -> (the tasks, before measuring) -> load -> refuse NaN weights -> measure -> tasks."""
     import time
@@ -167,10 +201,16 @@ def _evaluate(spec, own: dict) -> tuple[dict, list]:
     loaded = job.load(spec, prepared)
     model = loaded.model
     check_finite_weights(model)
+    if own["execute"] == "2:4":  # refused before any measurement
+        from .sparse_execute import check_semi_structured
+
+        check_semi_structured(model.to(loaded.compute))
     results = {"model": spec.model, "device": str(loaded.compute), "dtype": loaded.dtype,
                "parameters": count_parameters(model), "weight_bytes": weight_bytes(model)}
     rows = [("model", spec.model), ("parameters", f"{results['parameters']['nonzero']:,} nonzero of "
                                                    f"{results['parameters']['parameters']:,}")]
+    if own["execute"] != "dense":
+        _execute(spec, own, loaded, results, rows)
     measured = job.measure(loaded, model, dense=True, speed=spec.speed)
     if "perplexity" in measured:
         results["perplexity"] = {**measured["perplexity"], "data": list(spec.eval_sources)}
@@ -180,6 +220,10 @@ def _evaluate(spec, own: dict) -> tuple[dict, list]:
         results["speed"] = measured["speed"]
         rows.append(("speed", f"prefill {results['speed']['prefill_tokens_per_s']:.0f} tokens/s, decode "
                               f"{results['speed']['decode_tokens_per_s']:.1f} tokens/s"))
+        if "speed_dense" in results:
+            dense, fast = results["speed_dense"], results["speed"]
+            rows.append(("vs dense", f"prefill {fast['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}x, "
+                                     f"decode {fast['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}x"))
     if task_plan is not None:
         started, limit = time.perf_counter(), own["limit"]
         model.to(loaded.compute)
@@ -192,4 +236,28 @@ def _evaluate(spec, own: dict) -> tuple[dict, list]:
     return results, rows
 
 
-SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command}
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m llmprune convert",
+                description="Copy a model folder with its weights stored dense or sparse (each pruned linear "
+                            "weight as its non-zero values plus a bitmask); every other file is copied unchanged.")
+    p.add_argument("folder", metavar="FOLDER", help="a local model folder (dense, or llmprune's sparse format)")
+    p.add_argument("--to", required=True, choices=("dense", "sparse"), help="the storage of the copy")
+    p.add_argument("--output", required=True, metavar="DIR", help="the folder to write (written atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an empty output folder or one an earlier llmprune run wrote (it holds llmprune.json)")
+    return p
+
+
+def run_convert_command(argv: list[str]) -> int:
+    args = convert_parser().parse_args(argv)
+    from .sparse_format import convert, folder_bytes
+
+    target = convert(args.folder, args.to, args.output, overwrite=args.overwrite)
+    before, after = folder_bytes(args.folder), folder_bytes(target)
+    print(f"wrote {target} ({args.to}): {after / 2**20:.1f} MiB, {after / before:.3f}x the {before / 2**20:.1f} MiB "
+          f"of {args.folder}", flush=True)
+    return 0
+
+
+SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command, "convert": run_convert_command}

@@ -18,6 +18,7 @@ from . import report as reports
 from .errors import UsageError
 from .limits import MAX_DATA_BYTES
 from .options import Option
+from .save import WRITER_OPTIONS
 
 RUN_OPTIONS = (
     Option("model", str, None, "Hub id, local HF folder, or built-in alias: llama / smollm2 (SmolLM2-135M, offline)"),
@@ -57,6 +58,7 @@ RUN_OPTIONS = (
     Option("private", bool, False, "with --push-to-hub: create the repository private"),
     Option("trust_remote_code", bool, False, "allow a model folder's own Python code", in_recipes=False),
     Option("no_progress", bool, False, "no progress bars"),
+    *WRITER_OPTIONS,
 )
 PLACEMENT_OPTIONS = ("device_map", "max_memory", "offload_folder", "stream", "activations_on_disk", "force")
 
@@ -180,6 +182,9 @@ def prepare(spec: RunSpec) -> dict:
     data.check_sources(spec.calib_data)
     if spec.eval_sources is not None:
         data.check_sources(spec.eval_sources)
+    if spec.save_format == "sparse" and not any(s.kind == "unstructured" for s in spec.stages):
+        raise UsageError("--save-format sparse: this run leaves no zeros to gain from (only an unstructured "
+                         "stage does); save it dense")
     if spec.private and not spec.push_to_hub:
         raise UsageError("--private applies to --push-to-hub, which was not given")
     if spec.push_to_hub:
@@ -400,8 +405,11 @@ def write(spec: RunSpec, loaded: Loaded, report: dict, results: list, folder: Pa
             if result.extra_files is not None:
                 result.extra_files(tmp)
 
+    report["save_format"] = spec.save_format
+    if spec.save_format == "sparse":
+        report["storage"] = "sparse safetensors: pruned linear weights as non-zero values plus a bitmask"
     saved = save_folder(loaded.model, loaded.tokenizer, folder, report, reports.card(spec, report), spec.overwrite,
-                        extra_files=extra_files)
+                        extra_files=extra_files, save_format=spec.save_format)
     for checkpoint in checkpoint_folders(spec):  # the output is complete: the checkpoints have served
         remove_checkpoint(checkpoint)
     if spec.checkpoint_dir is not None and len(spec.stages) > 1:
@@ -456,10 +464,15 @@ def run_streamed(spec: RunSpec, prepared: dict, folder: Path, estimate, started:
         memory = {"rss_before_prune_bytes": rss.start, "rss_peak_prune_bytes": rss.peak,
                   "rss_growth_prune_bytes": rss.growth}
         report = reports.build(spec, loaded, [result], {"dense": {}, "after": {}}, memory, estimate)
+        report["save_format"] = spec.save_format
         report["timings"]["total_before_save_s"] = time.perf_counter() - started
         if main:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
             write_companions(tmp, config, tokenizer, report, reports.card(spec, report))
+            if spec.save_format == "sparse":
+                from .sparse_format import names_from_config, sparsify_folder
+
+                sparsify_folder(tmp, names_from_config(tmp))
     distributed.barrier()
     if main:
         reports.print_summary(reports.summary_rows(spec, report, [result], folder, started, streamed=True))

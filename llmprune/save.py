@@ -32,14 +32,21 @@ from .jsonreport import report_json
 from .errors import OutputError, UsageError
 from .guard import (Terminated, check_output_folder, claim_output, folder_unlocked, is_claimed,  # noqa: F401
                     lock_folder, release_output, replaceable)
+from .options import Option
 
 log = logging.getLogger(__name__)
 
 WRITTEN: list[Path] = []  # folders this process has put in place, so an interrupt can say so
 
+# The writer's own options: every run that writes a folder has them.
+WRITER_OPTIONS = (
+    Option("save_format", str, "dense", "dense (default) | sparse: store each pruned linear weight as its non-zero "
+           "values plus a bitmask (see llmprune.sparse_format)", choices=("dense", "sparse")),
+)
+
 
 def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card: str,
-                overwrite: bool = False, extra_files=None) -> Path:
+                overwrite: bool = False, extra_files=None, save_format: str = "dense") -> Path:
     """Write model + tokenizer + README.md + llmprune.json to ``target`` atomically.
 
     Killed at any moment, ``target`` is absent, the old folder (when replacing one) or the complete
@@ -47,13 +54,22 @@ def save_folder(model, tokenizer, target: str | os.PathLike, report: dict, card:
     while the folder is being put in place is held until that is done. A failed write (disk full,
     permission lost) raises OutputError with nothing left behind and an old folder kept.
     extra_files(folder): writes more files into the temporary folder before it is put in place.
+    save_format: "dense", or "sparse" (llmprune.sparse_format rewrites the weights in the temporary folder).
     """
+    if save_format == "sparse":
+        from .sparse_format import check_can_be_sparse
+
+        check_can_be_sparse(model.config)
     with atomic_folder(target, overwrite) as tmp:
         _after_step()
         model.save_pretrained(tmp, safe_serialization=True)
         if extra_files is not None:
             extra_files(tmp)
         write_companions(tmp, model.config, tokenizer, report, card)
+        if save_format == "sparse":
+            from .sparse_format import pruned_weight_names, sparsify_folder
+
+            sparsify_folder(tmp, pruned_weight_names(model))  # refuses a model with no zeros to gain from
     return Path(target).expanduser().resolve()
 
 
@@ -509,6 +525,10 @@ def model_card(base_model: str, report: dict) -> str:
         storage = ("Unstructured and N:M sparsity is stored dense, with zeros in the removed positions: no "
                    "sparse checkpoint format is written, so the files are as large as the base model's and "
                    "the speed on ordinary kernels is unchanged.")
+        if report.get("save_format") == "sparse":
+            storage = ("Each pruned linear weight is stored as its non-zero values plus a bitmask (llmprune's "
+                       "sparse format): load it with `trust_remote_code=True` or `llmprune.load_sparse`, which "
+                       "give the dense model; the speed on ordinary kernels is unchanged.")
     if ppl:
         summary["perplexity"] = {k: round(v["perplexity"], 4) for k, v in ppl.items()}
     license_id, origin = _base_model_facts(report.get("model"))

@@ -1,13 +1,14 @@
 """Magnitude pruning: remove the weights of smallest |W|. Needs no calibration data.
 
-YAML: ``{method: magnitude, sparsity: 0.5}`` (per matrix) or ``{method: magnitude, pattern: "2:4"}``.
+YAML: ``{method: magnitude, sparsity: 0.5}`` (per matrix), ``{method: magnitude, pattern: "2:4"}`` or
+``{method: magnitude, sparsity: 0.7, pattern: "block:32"}`` (whole 32 x 32 blocks, |W| summed per block).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .masks import NMPattern, smallest_in_matrix, smallest_n_of_m
+from .masks import NMPattern, select_mask
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -29,6 +30,6 @@ class Magnitude:
         pruned = []
         for weight in weights:
             scores = weight.abs()
-            mask = smallest_n_of_m(scores, pattern) if pattern else smallest_in_matrix(scores, sparsity)
+            mask = select_mask(scores, sparsity, pattern, per_row=False)
             pruned.append(weight.masked_fill(mask, 0))
         return pruned

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..errors import NumericalError, UsageError
 from ..memory import release_free_heap
 from ..options import Option
-from .masks import NMPattern
+from .masks import BlockPattern, NMPattern, block_sums, expand_blocks, smallest_in_matrix
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -110,7 +110,8 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
 
     Unstructured: in each block of ``blocksize`` columns, the floor(rows_i * block * sparsity)
     weights of each matrix with the lowest w² / [H⁻¹]_jj² are removed. N:M: every m columns,
-    the n lowest of each row's group. After each column the error is spread over the columns
+    the n lowest of each row's group. block:B: the block width is a multiple of B, and in each block
+    the floor(blocks_i * sparsity) B x B blocks of each matrix with the lowest summed saliency. After each column the error is spread over the columns
     not yet visited (the OBS update), then over later blocks in one matmul.
     """
     import torch
@@ -120,6 +121,12 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
     hessian = hessian.clone()
     W = torch.cat(weights, 0).float()  # [rows, in]: the stacked matrices
     rows, columns = W.shape
+    blocks = pattern.size if isinstance(pattern, BlockPattern) else None
+    if blocks is not None:
+        if columns % blocks or any(w.shape[0] % blocks for w in weights):
+            raise UsageError(f"pattern {pattern}: {name} is not made of {blocks} x {blocks} blocks")
+        blocksize = max(blocks, blocksize - blocksize % blocks)  # blocks of B columns must not straddle
+        pattern = None
     if pattern is not None:
         if columns % pattern.m:
             raise UsageError(f"pattern {pattern}: input width {columns} is not a multiple of {pattern.m}")
@@ -145,6 +152,10 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
         if pattern is None:
             saliency = block.pow(2) / block_diag.pow(2).unsqueeze(0)  # [rows, count]
             for lo, hi in zip(bounds[:-1], bounds[1:]):
+                if blocks is not None:  # whole B x B blocks of this matrix and column block
+                    chosen = smallest_in_matrix(block_sums(saliency[lo:hi], blocks), sparsity)
+                    block_mask[lo:hi] = expand_blocks(chosen, blocks)
+                    continue
                 k = int((hi - lo) * count * sparsity)
                 if k:
                     flat = torch.topk(saliency[lo:hi].flatten(), k, largest=False).indices

@@ -1,14 +1,15 @@
 """Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2 and remove the lowest scores of each output
 row (or the lowest n of every m inputs). No weight update.
 
-YAML: ``{method: wanda, sparsity: 0.5}`` or ``{method: wanda, pattern: "2:4"}``.
+YAML: ``{method: wanda, sparsity: 0.5}``, ``{method: wanda, pattern: "2:4"}`` or ``{method: wanda,
+sparsity: 0.7, pattern: "block:32"}`` (scores summed per block; the lowest blocks of each row of blocks).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .masks import NMPattern, smallest_n_of_m, smallest_per_row
+from .masks import NMPattern, select_mask
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
@@ -49,6 +50,6 @@ class Wanda:
         pruned = []
         for weight in weights:
             scores = wanda_scores(weight, statistics.sum_of_squares)
-            mask = smallest_n_of_m(scores, pattern) if pattern else smallest_per_row(scores, sparsity)
+            mask = select_mask(scores, sparsity, pattern, per_row=True)
             pruned.append(weight.masked_fill(mask, 0))
         return pruned

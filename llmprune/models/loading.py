@@ -141,25 +141,33 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
         if code:
             raise UsageError(f"model {name!r} ships its own Python code ({', '.join(code)}, named by auto_map); "
                              f"it is never run without --trust-remote-code")
-    if is_folder:  # damaged files, impossible config values, a config that does not fit the weights
+    sparse = is_folder and _is_sparse(source)  # llmprune's sparse format checks its own files as it decodes
+    if is_folder and not sparse:  # damaged files, impossible config values, a config that does not fit the weights
         check_model_folder(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  local_files_only=local_only)
+                                                  local_files_only=local_only,
+                                                  **({"config": _sparse_config(source)} if sparse else {}))
         placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory,
                                                    "offload_folder": offload_folder}
-        # Mismatched shapes are let through here only to be named by check_loading_info below.
-        with quiet_load_report():
-            model, info = AutoModelForCausalLM.from_pretrained(
-                source, dtype=DTYPES[dtype], local_files_only=local_only, trust_remote_code=trust_remote_code,
-                use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **placement)
+        if sparse:  # llmprune's sparse format: the installed decoder, never the folder's
+            from ..sparse_format import load_sparse
+
+            model, info = load_sparse(source, dtype=DTYPES[dtype], **placement), None
+        else:
+            # Mismatched shapes are let through here only to be named by check_loading_info below.
+            with quiet_load_report():
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    source, dtype=DTYPES[dtype], local_files_only=local_only, trust_remote_code=trust_remote_code,
+                    use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **placement)
     except Exception as error:  # transformers' reactions to a bad model, as one line
         if not is_load_error(error):
             raise
         # The whole message on one line (some, such as a missing tokenizer's, end the first line with ":").
         why = "the Hugging Face Hub is unreachable and it is not in the local cache" if local_only else one_line(error)
         raise UsageError(f"cannot load model {name!r}: {why}") from None
-    check_loading_info(name, info, model)
+    if info is not None:
+        check_loading_info(name, info, model)
     if hasattr(model, "llmprune_dynamic"):  # a dynamic folder loaded with trust_remote_code: work on the static model
         from ..dynamic import detach
 
@@ -207,7 +215,7 @@ def remote_code(source: str, local_only: bool = True) -> list[str]:
                     continue
                 repo, _, reference = reference.rpartition("--")
                 module = reference.rsplit(".", 1)[0] + ".py"
-                if own and not repo and module == "modeling_llmprune.py":
+                if own and not repo and module in ("modeling_llmprune.py", SPARSE_MODELING):
                     continue
                 if not repo and module == DYNAMIC_MODELING and _family_type(config.get("model_type")):
                     continue  # llmprune.dynamic's loader: without trust_remote_code the static model loads
@@ -218,6 +226,25 @@ def remote_code(source: str, local_only: bool = True) -> list[str]:
 
 
 DYNAMIC_MODELING = "modeling_llmprune_dynamic.py"
+SPARSE_MODELING = "modeling_llmprune_sparse.py"
+
+
+def _is_sparse(folder: str) -> bool:
+    from ..sparse_format import is_sparse_folder
+
+    return is_sparse_folder(folder)
+
+
+def _sparse_config(folder: str):
+    """The dense family config of a sparse folder (what its tokenizer is looked up by)."""
+    import json
+
+    from ..sparse_format import fmt
+
+    try:
+        return fmt.dense_config(json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8")))
+    except fmt.SparseFormatError as error:
+        raise UsageError(f"cannot load sparse folder {folder!r}: {error}") from None
 
 
 def _family_type(model_type) -> bool:

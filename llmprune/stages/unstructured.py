@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from ..errors import UsageError
-from ..methods import METHODS, method_options, parse_pattern
+from ..methods import METHODS, NMPattern, method_options, parse_pattern
 from ..methods.masks import check_sparsity
 from ..options import Option
 from . import Stage, StageResult
@@ -19,7 +19,8 @@ class Unstructured(Stage):
     options = (
         Option("sparsity", "number", None, "fraction of each decoder linear layer removed, 0 <= s < 1 "
                "(default 0.5; N/M with --pattern)"),
-        Option("pattern", str, "unstructured", "unstructured (default) or N:M, e.g. 2:4, 4:8"),
+        Option("pattern", str, "unstructured", "unstructured (default), N:M (e.g. 2:4, 4:8), or block:B (whole B x B "
+               "blocks at --sparsity, e.g. block:32, for block-sparse kernels)"),
         Option("schedule", "schedule", "uniform", "per-layer sparsity: uniform (default) | owl (outlier-weighted, "
                "OWL paper) | a comma-separated list with one sparsity per decoder layer"),
         Option("owl_m", float, 5.0, "owl: outlier threshold M x mean score (default 5)"),
@@ -46,11 +47,12 @@ class Unstructured(Stage):
         self.nm = parse_pattern(self.values["pattern"])
         sparsity = self.values["sparsity"]
         explicit = sparsity is not None
-        self.target = check_sparsity(sparsity if explicit else (self.nm.sparsity if self.nm else 0.5), self.nm,
+        fixed = isinstance(self.nm, NMPattern)  # N:M fixes the sparsity; blocks take --sparsity
+        self.target = check_sparsity(sparsity if explicit else (self.nm.sparsity if fixed else 0.5), self.nm,
                                       explicit)
         self.schedule = parse_schedule(self.values["schedule"])
         if self.schedule != "uniform":
-            if self.nm is not None:
+            if fixed:
                 raise UsageError("--schedule applies to unstructured sparsity (not to --method structured or "
                                  "N:M patterns)")
             if self.schedule == "owl":
@@ -77,7 +79,9 @@ class Unstructured(Stage):
         check_pattern_fits(model, self.nm)
 
     def tag(self) -> str:
-        tag = str(self.nm).replace(":", "of") if self.nm else f"{round(self.target * 100):d}"
+        percent = f"{round(self.target * 100):d}"
+        tag = (str(self.nm).replace(":", "of") if isinstance(self.nm, NMPattern) else
+               f"block{self.nm.size}-{percent}" if self.nm else percent)
         return tag + ("-owl" if self.schedule == "owl" else "-schedule" if isinstance(self.schedule, list) else "")
 
     def identity(self) -> dict:

@@ -1,0 +1,194 @@
+"""Benchmark: sparse checkpoints and sparse CPU execution of SmolLM2-135M (not a test).
+
+Rows: the dense model, Wanda at 50 / 70 / 90% unstructured, 2:4, and block:32 at 70 / 90%
+(calibrated on emma + mansfieldpark, 16 windows x 256 tokens, seed 0). For each row:
+
+- bytes on disk of the dense folder and of the sparse folder (float32, and bfloat16), as a ratio;
+- load time (``llmprune.models.loading.load_model``) of the sparse folder / the dense folder:
+  medians of interleaved pairs, because the machine is shared; and the same with one 64-token
+  forward pass after loading (a dense folder is memory-mapped: its weights are read at first use);
+- perplexity on the first --eval-tokens tokens of persuasion (1024-token windows);
+- sparse CPU execution (``llmprune.sparse_execute``): the kernel chosen per decoder linear layer at
+  a 64-token batch, the summed linear-layer speedup, and a 64-token prefill with and without the
+  LM head, sparse against dense (medians of interleaved rounds), and a decode ratio (16 greedy
+  tokens after a 64-token prompt, KV cache, batch 1).
+
+Usage: python eval/bench_sparse.py [--rows dense,wanda:0.5,...] [--eval-tokens 4096]
+Writes eval/results/bench_sparse.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy as copy_module
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+AUSTEN = ROOT.parent / "shared" / "data" / "austen"
+RESULTS = ROOT / "eval" / "results"
+ROWS = ["dense", "wanda:0.5", "wanda:0.7", "wanda:0.9", "wanda:2:4", "wanda:block:32:0.7", "wanda:block:32:0.9"]
+
+
+def parse_row(row: str) -> dict:
+    """"wanda:0.7" -> unstructured 0.7; "wanda:2:4"; "wanda:block:32:0.7"."""
+    parts = row.split(":")
+    if parts[0] == "dense":
+        return {}
+    if parts[1] == "block":
+        return {"method": parts[0], "pattern": f"block:{parts[2]}", "sparsity": float(parts[3])}
+    if len(parts) == 3:
+        return {"method": parts[0], "pattern": f"{parts[1]}:{parts[2]}", "sparsity": None}
+    return {"method": parts[0], "pattern": "unstructured", "sparsity": float(parts[1])}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def interleaved(calls: dict, rounds: int) -> dict:
+    """Median seconds of each call, one of each per round."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def decode_ratio(execution, prompt_tokens: int = 64, new_tokens: int = 16, rounds: int = 3) -> float:
+    """Dense decode time / sparse decode time: (prompt + 1 + new) - (prompt + 1) tokens generated."""
+    import torch
+
+    model = execution.model
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    def run(switch, count):
+        switch()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count, min_new_tokens=count,
+                       do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        calls = {f"{state}_{count}": (lambda s=switch, c=count: run(s, c))
+                 for state, switch in (("dense", execution.disable), ("sparse", execution.enable))
+                 for count in (1, 1 + new_tokens)}
+        median = interleaved(calls, rounds)
+    execution.enable()
+    dense = median[f"dense_{1 + new_tokens}"] - median["dense_1"]
+    sparse = median[f"sparse_{1 + new_tokens}"] - median["sparse_1"]
+    return dense / max(sparse, 1e-9)
+
+
+def first_forward(model) -> None:
+    """One 64-token forward pass: a dense folder's weights are memory-mapped and read only now."""
+    import torch
+
+    with torch.no_grad():
+        model(torch.arange(64).unsqueeze(0), use_cache=False)
+
+
+def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work: Path) -> dict:
+    import torch
+
+    from llmprune import api
+    from llmprune.evaluate import perplexity
+    from llmprune.models.loading import load_model
+    from llmprune.save import save_folder
+    from llmprune.sparse_execute import compare_prefill, execute_sparse
+
+    settings = parse_row(row)
+    model, _ = load_model(str(folder), dtype="float32")
+    result = {"row": row, **settings}
+    if settings:
+        report = api.prune(model, calibration, method=settings["method"], sparsity=settings["sparsity"],
+                           pattern=settings["pattern"], progress=False)
+        result["realised_sparsity"] = report.overall_sparsity
+        for dtype in ("float32", "bfloat16"):
+            copy = model if dtype == "float32" else copy_module.deepcopy(model).to(torch.bfloat16)
+            dense, sparse = work / f"{row}-{dtype}-dense", work / f"{row}-{dtype}-sparse"
+            save_folder(copy, tokenizer, dense, {}, "bench")
+            save_folder(copy, tokenizer, sparse, {}, "bench", save_format="sparse")
+            result[f"{dtype}_dense_bytes"], result[f"{dtype}_sparse_bytes"] = folder_bytes(dense), folder_bytes(sparse)
+            result[f"{dtype}_bytes_ratio"] = result[f"{dtype}_sparse_bytes"] / result[f"{dtype}_dense_bytes"]
+            if dtype == "float32":
+                loads = interleaved({"dense": lambda: load_model(str(dense)), "sparse": lambda: load_model(str(sparse)),
+                                     "dense_used": lambda: first_forward(load_model(str(dense))[0]),
+                                     "sparse_used": lambda: first_forward(load_model(str(sparse))[0])}, rounds=5)
+                result.update(load_dense_s=loads["dense"], load_sparse_s=loads["sparse"],
+                              load_ratio=loads["sparse"] / loads["dense"],
+                              load_and_forward_ratio=loads["sparse_used"] / loads["dense_used"])
+    ppl = perplexity(model, evaluation, 1024, None, "cpu", progress=False)
+    result["perplexity"] = ppl.perplexity
+    execution = execute_sparse(model, tokens=64)
+    result["execution"] = execution.report()
+    result["switched"] = len(execution.switched)
+    result["layers"] = len(execution.choices)
+    result["decoder_linear_speedup"] = execution.linear_speedup()
+    if execution.switched:
+        result["prefill"] = compare_prefill(execution)
+        result["decode_ratio"] = decode_ratio(execution)
+    return result
+
+
+def write_tables(results: list, header: dict) -> None:
+    lines = ["# Sparse checkpoints and sparse CPU execution: SmolLM2-135M", "",
+             f"{header['setup']}", "", f"Command: `{header['command']}`", "",
+             "| row | sparsity | ppl | fp32 sparse/dense bytes | bf16 sparse/dense bytes | load sparse/dense | load + 1st forward | "
+             "layers switched | linear layers speedup | prefill 64 with head | without head | decode |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        fmt = lambda key, spec=".2f": format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
+        prefill = r.get("prefill") or {}
+        lines.append(f"| {r['row']} | {fmt('realised_sparsity', '.3f')} | {r['perplexity']:.2f} | "
+                     f"{fmt('float32_bytes_ratio', '.3f')} | {fmt('bfloat16_bytes_ratio', '.3f')} | {fmt('load_ratio')} | {fmt('load_and_forward_ratio')} | "
+                     f"{r['switched']}/{r['layers']} | {r['decoder_linear_speedup']:.2f}x | "
+                     f"{format(prefill['speedup_with_head'], '.2f') + 'x' if prefill else '-'} | "
+                     f"{format(prefill['speedup_without_head'], '.2f') + 'x' if prefill else '-'} | "
+                     f"{fmt('decode_ratio') + 'x' if r.get('decode_ratio') else '-'} |")
+    lines += ["", "Ratios are sparse / dense (bytes, load time) or dense time / sparse time (speed), medians of "
+              "interleaved rounds on a shared machine. Kernels are chosen per layer at a 64-token batch.", ""]
+    (RESULTS / "bench_sparse.md").write_text("\n".join(lines), encoding="utf-8")
+    (RESULTS / "bench_sparse.json").write_text(json.dumps({**header, "rows": results}, indent=2) + "\n",
+                                               encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    sys.path.insert(0, str(ROOT))
+    from llmprune import data
+    from llmprune.models.loading import builtin_model_folder, load_model
+
+    folder = builtin_model_folder("llama")
+    _, tokenizer = load_model(str(folder))
+    calibration = data.calibration_ids(tokenizer, [str(AUSTEN / "emma.txt.gz"), str(AUSTEN / "mansfieldpark.txt.gz")],
+                                       16, 256, seed=0)
+    evaluation = data.evaluation_ids(tokenizer, [str(AUSTEN / "persuasion.txt.gz")], args.eval_tokens)
+    header = {"command": "python eval/bench_sparse.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
+              "setup": f"Wanda, calibration emma + mansfieldpark 16 x 256 tokens, seed 0; perplexity on the first "
+                       f"{args.eval_tokens} tokens of persuasion, 1024-token windows; {torch.get_num_threads()} "
+                       f"threads; torch {torch.__version__}."}
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        for row in args.rows.split(","):
+            started = time.perf_counter()
+            results.append(measure_row(row, folder, calibration, evaluation, tokenizer, Path(work)))
+            results[-1]["seconds"] = time.perf_counter() - started
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "execution"}), flush=True)
+            write_tables(results, header)
+
+
+if __name__ == "__main__":
+    main()
