@@ -35,7 +35,7 @@ class LlmprunePerplexity(evaluate.Metric):
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"predictions": datasets.Value("string")}),
-            reference_urls=["https://pypi.org/project/llmprune/"],
+            reference_urls=[],  # llmprune is not published on PyPI
         )
 
     def _compute(self, predictions, model_id, seqlen=1024, max_tokens=None, device=None, dtype="float32"):
