@@ -170,4 +170,10 @@ def run_eval_command(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command}
+def run_recover_command(argv: list[str]) -> int:
+    from .stages.recover import run_recover_command as run
+
+    return run(argv)
+
+
+SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command, "recover": run_recover_command}
