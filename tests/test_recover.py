@@ -170,7 +170,8 @@ def test_structured_student_keeps_shapes_and_config(tiny_folder, text_file, tmp_
 def test_prune_run_with_recover_tokens(tiny_folder, text_file, tmp_path, capsys):
     output = tmp_path / "out"
     assert _prune(tiny_folder, text_file, output, "--method", "wanda", "--sparsity", "0.5", "--recover-tokens", "256",
-                  "--recover-seqlen", "32", "--recover-batch", "2", "--recover-curve-tokens", "128") == 0
+                  "--recover-seqlen", "32", "--recover-batch", "2", "--recover-curve-tokens", "128",
+                  "--recover-gradient-checkpointing") == 0
     report = json.loads((output / "llmprune.json").read_text())
     assert [s["kind"] for s in report["stages"]] == ["unstructured", "recover"]
     recover = report["stages"][1]["report"]
@@ -186,6 +187,8 @@ def test_prune_run_with_recover_tokens(tiny_folder, text_file, tmp_path, capsys)
     (["--lr", "0"], "--lr must be a number > 0"),
     (["--tokens", "0"], "--tokens must be an integer >= 1"),
     (["--kl", "0"], "needs a loss"),
+    (["--targets", "qkv_proj"], "no module named qkv_proj"),
+    (["--batch", "100000", "--seqlen", "100000"], "estimated peak memory of the recovery"),
 ])
 def test_bad_options_are_refused(tiny_folder, text_file, tmp_path, capsys, extra, message):
     assert _recover(tiny_folder, tiny_folder, text_file, tmp_path / "out", *extra) == 2

@@ -72,6 +72,12 @@ class Recover(Stage):
         s = self.settings
         if s.kl == 0 and s.hidden == 0 and s.lm == 0:
             raise UsageError("recovery needs a loss: --recover-kl, --recover-hidden and --recover-lm are all 0")
+        if s.mode == "lora":
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise UsageError("--recover-mode lora needs peft: pip install 'llmprune[recover]' (or use "
+                                 "--recover-mode full)")
         if s.mode == "full" and self.given & {"recover_rank", "recover_alpha", "recover_targets"}:
             raise UsageError("--recover-rank, --recover-alpha and --recover-targets apply to --recover-mode lora")
 
@@ -87,6 +93,11 @@ class Recover(Stage):
     def check_model(self, model) -> None:
         from ..recover import check_teacher, layer_pairs
 
+        if self.settings.targets:
+            names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is not model}
+            missing = [t for t in self.settings.targets if t not in names]
+            if missing:
+                raise UsageError(f"--recover-targets: no module named {', '.join(missing)} in the model")
         if self.settings.teacher is None:  # the run's input model, as loaded: same tokenizer, layers
             return
         check_teacher(model.config, self.student_source, self.settings.teacher)
