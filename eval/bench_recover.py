@@ -113,7 +113,8 @@ def collect() -> None:
              "sparsity after | zeros at same positions | wall s | tokens/s | threads |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['mode']} (lr {r['settings']['lr']:g}) | {r['tokens']:,} | {r['dense']:.2f} | "
+        lines.append(f"| {r['label']} | {r['mode']} (lr {r['settings']['lr']:g}) | {r['tokens']:,} | "
+                     f"{r['dense']:.2f} | "
                      f"{r['before']:.2f} | {r['after']:.2f} | {r['gap_closed']:.1%} | {r['sparsity_before']:.6f} | "
                      f"{r['sparsity_after']:.6f} | {r['zeros_same_positions']} | {r['train_wall_s']:.0f} | "
                      f"{r['train_tokens_per_s']:.1f} | {r['threads']} |")

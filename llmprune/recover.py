@@ -72,7 +72,8 @@ class Settings:
     @classmethod
     def from_values(cls, values: dict, prefix: str = "recover_") -> "Settings":
         names = {f.name for f in fields(cls)}
-        return cls(**{k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix) and k[len(prefix):] in names})
+        given = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
+        return cls(**{k: v for k, v in given.items() if k in names})
 
     @property
     def learning_rate(self) -> float:
@@ -110,9 +111,11 @@ def check_teacher(student_config, student_source: str | None, teacher: str, trus
             theirs = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).get_vocab()
             ours = AutoTokenizer.from_pretrained(student_source, trust_remote_code=trust_remote_code).get_vocab()
         except Exception as error:
-            raise UsageError(f"cannot read the tokenizers to compare them: {' '.join(str(error).split())[:200]}") from None
+            why = " ".join(str(error).split())[:200]
+            raise UsageError(f"cannot read the tokenizers to compare them: {why}") from None
         if theirs != ours:
-            raise UsageError(f"--teacher {teacher!r} has another tokenizer than the student (their vocabularies differ)")
+            raise UsageError(f"--teacher {teacher!r} has another tokenizer than the student (their vocabularies "
+                             "differ)")
 
 
 def layer_pairs(student_layers: int, teacher_layers: int, removed: list | None) -> list[tuple[int, int]] | None:
@@ -363,7 +366,7 @@ class Work:
     evaluation: torch.Tensor | None = None
     eval_seqlen: int = 256
     bos: int | None = None
-    device: torch.device = torch.device("cpu")
+    device: torch.device | None = None  # None: the CPU
     progress: bool = True
     checkpoint: RecoverCheckpoint | None = None
     pairs: list | None = None
@@ -396,7 +399,8 @@ def train(work: Work, settings: Settings) -> tuple[nn.Module, dict]:
     """Distil ``work.student`` from ``work.teacher``; returns (the merged student, its report)."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=work.device.type != "cuda", mixed_precision=mixed_precision(settings, work.device))
+    device = work.device or torch.device("cpu")
+    accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision=mixed_precision(settings, device))
     model, masks = prepare_student(work.student, settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)

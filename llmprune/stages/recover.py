@@ -30,7 +30,8 @@ class Recover(Stage):
     placements = ("memory",)
     options = (
         Option("recover_tokens", int, 100_000, "recovery: training tokens (rounded up to whole steps)", minimum=1),
-        Option("recover_data", "str_list", ["default"], "recovery: training text sources (default: the offline corpus)"),
+        Option("recover_data", "str_list", ["default"], "recovery: training text sources (default: the offline "
+               "corpus)"),
         Option("recover_teacher", str, None, "recovery: the teacher (default: the run's input model; for `recover "
                "FOLDER`: the model its llmprune.json names)", metavar="MODEL"),
         Option("recover_mode", str, "lora", "recovery: lora (masked adapters, merged) | full (masked updates)",
@@ -109,7 +110,8 @@ class Recover(Stage):
             teacher_layers = AutoConfig.from_pretrained(resolve_model(self.settings.teacher)).num_hidden_layers
             if layer_pairs(model.config.num_hidden_layers, teacher_layers, self._removed_from_folder()) is None:
                 raise UsageError(f"--recover-hidden: the student has {model.config.num_hidden_layers} layers, the "
-                                 f"teacher {teacher_layers}, and no record of which were removed; use --recover-hidden 0")
+                                 f"teacher {teacher_layers}, and no record of which were removed; use "
+                                 "--recover-hidden 0")
 
     def _removed_from_folder(self) -> list | None:
         """The removed layer indices the student's llmprune.json records, if any."""
@@ -242,7 +244,7 @@ def recovery_card_section(report: dict) -> str:
     r = stage["report"]
     s = r["settings"]
     weights = ", ".join(f"{k} {s[k]:g}" for k in ("kl", "hidden", "lm") if s[k])
-    lines = ["## Recovery", "",
+    lines = ["", "## Recovery", "",
              f"Distilled from `{r['teacher']}` on {r['tokens']:,} tokens of {s['data']} ({r['steps']} steps of "
              f"{s['batch']} x {s['accumulation']} x {r['processes']} windows of {s['seqlen']} tokens), loss: {weights} "
              f"(temperature {s['temperature']:g}); "
@@ -272,11 +274,15 @@ def recovery_card(base_model: str, report: dict) -> str:
     if ppl:
         summary["perplexity"] = {("before" if k == "dense" else "after"): round(v["perplexity"], 4)
                                  for k, v in ppl.items()}
-    front = {"base_model": base_model, "library_name": "transformers", "tags": ["llmprune", "pruned", "distilled"],
+    from ..models.loading import base_model_id
+
+    front = {"base_model": base_model_id(stage["report"]["teacher"]), "library_name": "transformers",
+             "tags": ["llmprune", "pruned", "distilled"],
              "llmprune": summary}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(base_model).name}, recovered by distillation", "",
-             f"Made by llmprune from `{base_model}` (pruned with {', '.join(summary['pruned_with']) or 'unknown'}).", ""]
+             f"Made by llmprune from `{base_model}` (pruned with {', '.join(summary['pruned_with']) or 'unknown'}), "
+             f"distilled from `{stage['report']['teacher']}`.", ""]
     if ppl and len(ppl) == 2:
         before, after = (v["perplexity"] for v in ppl.values())
         lines += ["| | before | after |", "|---|---:|---:|", f"| perplexity | {before:.3f} | {after:.3f} |", "",
@@ -334,7 +340,8 @@ def run_recover_command(argv: list[str]) -> int:
             raise UsageError(f"--teacher is needed: {folder!r} has no llmprune.json naming its model")
     stage = Recover.build("recover", values)
     stage.student_source = str(folder)
-    spec_values = check_values(RUN_OPTIONS, {**{k: v for k, v in given.items() if k in RUN_FLAGS}, "model": str(folder)})
+    run_given = {k: v for k, v in given.items() if k in RUN_FLAGS}
+    spec_values = check_values(RUN_OPTIONS, {**run_given, "model": str(folder)})
     spec = RunSpec(spec_values, [stage], command="python -m llmprune recover " + shlex.join(argv))
     run(spec)
     return 0
