@@ -221,3 +221,16 @@ def test_other_tokenizer_and_non_model_folder_are_refused(tiny_folder, tokenizer
     assert _recover(tmp_path / "empty", tiny_folder, text_file, tmp_path / "out") == 2
     assert "not a model folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_recipe_recover_stage(tiny_folder, text_file, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_folder}\ncalib_data: [{text_file}]\neval_data: [{text_file}]\nnsamples: 4\n"
+                      "seqlen: 32\neval_seqlen: 64\neval_tokens: 512\nstages:\n  - {method: wanda, sparsity: 0.5}\n"
+                      "  - {method: recover, recover_tokens: 128, recover_seqlen: 32, recover_batch: 2, "
+                      "recover_mode: full}\n")
+    assert main(["--recipe", str(recipe), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "llmprune.json").read_text())
+    assert [s["kind"] for s in report["stages"]] == ["unstructured", "recover"]
+    assert report["stages"][1]["report"]["settings"]["mode"] == "full"
+    assert report["stages"][1]["report"]["zeros_unchanged"]
