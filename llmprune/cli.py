@@ -12,8 +12,10 @@ from .options import check_values
 
 EPILOG = """\
 Subcommands: python -m llmprune sweep ... (prune many ways, plot perplexity against sparsity) and
-python -m llmprune eval MODEL_OR_FOLDER ... (measure a model or an output folder) and python -m llmprune
-convert FOLDER --to dense|sparse --output DIR (store the weights dense or sparse); each has --help.
+python -m llmprune eval MODEL_OR_FOLDER ... (measure a model or an output folder), python -m llmprune
+convert FOLDER --to dense|sparse --output DIR (store the weights dense or sparse) and
+python -m llmprune recover FOLDER --teacher MODEL --data SOURCE --tokens N (distil a pruned folder from
+its dense model, keeping its zeros and shape); each has --help.
 
 N:M patterns follow the SparseGPT/Wanda papers: in every group of M consecutive weights along the
 input dimension of each row, N are set to zero (2:4 and 4:8 both remove 50%). With --pattern N:M,
@@ -34,7 +36,8 @@ written (disk full: no folder, no temporary left), 130 interrupted (Ctrl-C), 143
 """
 
 GROUPS = {"structured": "structured pruning (--method structured)",
-          "dynamic": "dynamic inference (--method dynamic)"}
+          "dynamic": "dynamic inference (--method dynamic)",
+          "recover": "recovery after pruning: any --recover-* flag distils the pruned model from the input model"}
 BIG = ("checkpoint_dir", "device_map", "max_memory", "offload_folder", "stream", "activations_on_disk", "force")
 
 
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .stages import all_methods
 
     p = Parser(prog="python -m llmprune", usage="python -m llmprune [--recipe FILE] --model MODEL [options]\n"
-               "       python -m llmprune {sweep,eval,convert} ...",
+               "       python -m llmprune {sweep,eval,convert,recover} ...",
                description="Prune a Hugging Face causal LM and measure it.", epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=argparse.SUPPRESS, metavar="FILE",
@@ -115,11 +118,15 @@ def spec_from_argv(argv: list[str]):
         from .stages import all_methods
 
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(all_methods())}")
+    if cls.kind == "recover":
+        raise UsageError("--method recover: use python -m llmprune recover FOLDER (or --recover-* flags on a prune run)")
     by_kind = _given_by_kind(given)
     _check_foreign(cls.kind, by_kind)
     values = check_values(RUN_OPTIONS, given)
-    stage = stage_for(method, by_kind[cls.kind])
-    return RunSpec(values, [stage], command=command)
+    stages = [stage_for(method, by_kind[cls.kind])]
+    if by_kind.get("recover") and cls.kind != "recover":  # --recover-*: distil after pruning
+        stages.append(stage_for("recover", by_kind["recover"]))
+    return RunSpec(values, stages, command=command)
 
 
 def run_argv(argv: list[str]) -> dict:

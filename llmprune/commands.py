@@ -260,4 +260,11 @@ def run_convert_command(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command, "convert": run_convert_command}
+def run_recover_command(argv: list[str]) -> int:
+    from .stages.recover import run_recover_command as run
+
+    return run(argv)
+
+
+SUBCOMMANDS = {"sweep": run_sweep_command, "eval": run_eval_command, "convert": run_convert_command,
+               "recover": run_recover_command}

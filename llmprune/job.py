@@ -215,11 +215,14 @@ def estimate_memory(spec: RunSpec, prepared: dict):
 
     kinds = [stage.memory_method() for stage in spec.stages] or ["none"]
     heaviest = next((m for m in ("sparsegpt", "hessian", "structured", "wanda", "norms") if m in kinds), kinds[0])
-    return scale.check_memory(spec.model, dtype=prepared["dtype"], mode=spec.mode, nsamples=spec.nsamples,
+    estimate = scale.check_memory(spec.model, dtype=prepared["dtype"], mode=spec.mode, nsamples=spec.nsamples,
                               seqlen=spec.seqlen, batch_size=spec.batch_size, method=heaviest,
                               needs_data=spec.needs_data(), max_memory=prepared["placement"]["max_memory"],
                               activations_on_disk=bool(spec.activations_on_disk), compute=prepared["compute"],
                               force=spec.force, trust_remote_code=spec.trust_remote_code, group=prepared["group"])
+    for stage in spec.stages:
+        estimate = stage.estimate_memory(spec, prepared, estimate)
+    return estimate
 
 
 def load(spec: RunSpec, prepared: dict) -> Loaded:

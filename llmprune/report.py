@@ -87,8 +87,14 @@ def card(spec, report: dict) -> str:
     base = base_model_id(spec.model)
     if all(s.kind == "dynamic" for s in spec.stages):
         text = dynamic_card(base, report)
+    elif all(s.kind == "recover" for s in spec.stages):
+        from .stages.recover import recovery_card
+
+        text = recovery_card(base, report)
     else:
-        text = model_card(base, report)
+        from .stages.recover import recovery_card_section
+
+        text = model_card(base, report) + recovery_card_section(report)
     if spec.recipe is not None:
         text += recipe_card_section(report)
     return redact(text)

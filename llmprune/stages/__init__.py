@@ -75,6 +75,11 @@ class Stage:
     def needs_data(self) -> bool:
         return True
 
+    def estimate_memory(self, spec, prepared: dict, estimate):
+        """A stage with a peak of its own (training) estimates it before loading, refuses what does
+        not fit (unless --force) and returns the larger estimate; others return ``estimate``."""
+        return estimate
+
     def memory_method(self) -> str:
         """The statistics this stage keeps, as llmprune.memory.estimate_peak names them."""
         return self.method
