@@ -366,13 +366,7 @@ def lock_folder(folder: Path) -> int | None:
     process namespace. None where the file system cannot lock folders."""
     if fcntl is None:
         return None
-    descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
-        return None
-    return descriptor
+    return _try_flock(os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)))
 
 
 def folder_unlocked(folder: Path) -> int | None:
@@ -385,6 +379,11 @@ def folder_unlocked(folder: Path) -> int | None:
                              | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+    return _try_flock(descriptor)
+
+
+def _try_flock(descriptor: int) -> int | None:
+    """The descriptor, now holding an exclusive lock; None (descriptor closed) when another holds it."""
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -104,3 +104,20 @@ def smollm2_folder():
     from llmprune.models.loading import builtin_model_folder
 
     return builtin_model_folder("llama")
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, tokenizer):
+    """A saved tiny random Llama with the test tokenizer (a local HF folder)."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    """SMALL_TEXT in a .txt file (calibration or evaluation data)."""
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(SMALL_TEXT, encoding="utf-8")
+    return path

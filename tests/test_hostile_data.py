@@ -83,14 +83,9 @@ def refused(capsys, argv: list[str], *needles: str, code: int = 2, within: float
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
+def model_dir(model_folder):
     """A saved tiny Llama with tokenizer (a local HF folder)."""
-    from conftest import tiny_model
-
-    folder = tmp_path_factory.mktemp("hostile") / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return model_folder
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +129,9 @@ def test_fifo_in_calibration_folder_is_refused_at_once(model_dir, sample, work, 
     refused(capsys, prune_argv(model_dir, folder, work / "out"), "b.txt", "FIFO", "regular file",
             within=30, workdir=work)
     # checked with the other flags, before the model is loaded: a big model would take minutes
-    import llmprune.cli
+    import llmprune.models.loading
 
-    monkeypatch.setattr(llmprune.cli, "load_model", lambda *a, **k: pytest.fail("loaded before the data check"))
+    monkeypatch.setattr(llmprune.models.loading, "load_model", lambda *a, **k: pytest.fail("loaded before the data check"))
     refused(capsys, prune_argv(model_dir, folder, work / "out"), "b.txt", "FIFO", within=30, workdir=work)
 
 

@@ -22,26 +22,10 @@ from llmprune import save as save_module
 from llmprune.__main__ import main
 from llmprune.errors import OutputError
 
-from conftest import SMALL_TEXT, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "2", "--seqlen", "16", "--eval-data", "none", "--no-progress"]
 RECIPE = ROOT / "recipes" / "magnitude-50.yaml"
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(SMALL_TEXT, encoding="utf-8")
-    return path
 
 
 def snapshot(folder: Path) -> dict[str, object]:

@@ -38,21 +38,6 @@ FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenize
          "README.md", "llmprune.json"}
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text(SMALL_TEXT, encoding="utf-8")
-    return path
-
-
 def cli(model, calib, out, *extra) -> list[str]:
     return ["--model", str(model), "--calib-data", str(calib), "--output", str(out), *FAST, *extra]
 
