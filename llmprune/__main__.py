@@ -12,6 +12,7 @@ from .errors import NumericalError, OutputError, UsageError
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from .guard import RunGuard, Terminated
+
     # Every message is redacted: a token pasted into a flag (a repository id, say) is not printed.
     from .save import WRITTEN, redact
 

@@ -56,14 +56,14 @@ import stat
 import sysconfig
 import warnings
 import zlib
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import torch
 
 from llmprune.errors import UsageError
-from llmprune.limits import MAX_DATA_BYTES
 from llmprune.hub import hub_reachable as _hub_reachable
+from llmprune.limits import MAX_DATA_BYTES
 
 DEFAULT_SOURCE = "default"
 PARTS = ("calibration", "evaluation")

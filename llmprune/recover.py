@@ -70,7 +70,7 @@ class Settings:
     mixed_precision: str = "auto"
 
     @classmethod
-    def from_values(cls, values: dict, prefix: str = "recover_") -> "Settings":
+    def from_values(cls, values: dict, prefix: str = "recover_") -> Settings:
         names = {f.name for f in fields(cls)}
         given = {k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}
         return cls(**{k: v for k, v in given.items() if k in names})

@@ -28,10 +28,18 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from .jsonreport import report_json
 from .errors import OutputError, UsageError
-from .guard import (Terminated, check_output_folder, claim_output, folder_unlocked, is_claimed,  # noqa: F401
-                    lock_folder, release_output, replaceable)
+from .guard import (  # noqa: F401
+    Terminated,
+    check_output_folder,
+    claim_output,
+    folder_unlocked,
+    is_claimed,
+    lock_folder,
+    release_output,
+    replaceable,
+)
+from .jsonreport import report_json
 from .options import Option
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .errors import UsageError
 from .memory import estimate_peak, refuse_unless_fits
-from .models.loading import DTYPES, checked_source, resolve_model
+from .models.loading import DTYPES, checked_source
 from .placement import parse_device_map, parse_max_memory, size_in_bytes
 
 

@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, tiny_model
-from llmprune.dynamic import (DynamicState, attach, detach, fit_dynamic, load_dynamic, make_dynamic,
-                              save_dynamic)
+from llmprune.dynamic import DynamicState, attach, detach, fit_dynamic, load_dynamic, make_dynamic, save_dynamic
 from llmprune.dynamic import modeling_llmprune_dynamic as runtime
 from llmprune.errors import UsageError
+
+from conftest import ARCHITECTURES, tiny_model
 
 
 def random_state(model, exit_layers=(1, 2), seed=1, exit_threshold=None, skip_threshold=None) -> DynamicState:

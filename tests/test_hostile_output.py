@@ -22,7 +22,6 @@ from llmprune import save as save_module
 from llmprune.__main__ import main
 from llmprune.errors import OutputError
 
-
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--nsamples", "2", "--seqlen", "16", "--eval-data", "none", "--no-progress"]
 RECIPE = ROOT / "recipes" / "magnitude-50.yaml"

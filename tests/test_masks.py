@@ -44,7 +44,7 @@ def naive_in_matrix(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     rows, cols = scores.shape
     k = math.floor(rows * cols * fraction)
     values = scores.tolist()
-    cells = sorted(((values[r][c], r, c) for r in range(rows) for c in range(cols)))
+    cells = sorted((values[r][c], r, c) for r in range(rows) for c in range(cols))
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for _, r, c in cells[:k]:
         mask[r, c] = True

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llmprune
-from llmprune.dynamic import fit_dynamic, calibrate
+from llmprune.dynamic import calibrate, fit_dynamic
 from llmprune.dynamic import modeling_llmprune_dynamic as runtime
 from llmprune.models.adapters import adapter_for
 from llmprune.save import save_folder

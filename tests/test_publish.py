@@ -9,8 +9,9 @@ import logging
 
 import pytest
 
-from fake_hub import FakeHub
 from llmprune.__main__ import main
+
+from fake_hub import FakeHub
 
 TOKEN = "hf_" + "Zq7" * 10  # looks like a real token, so redaction would catch a leak
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_model
 from llmprune.__main__ import main
+
+from conftest import tiny_model
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

@@ -8,10 +8,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from llmprune.__main__ import main
 from llmprune.recover import RecoverCheckpoint, Settings, Work, learning_rate_at, train
+
+from conftest import tiny_model
 
 FAST = ["--eval-seqlen", "64", "--eval-tokens", "512", "--no-progress"]
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_cli import FAST
 
 import llmprune
 from llmprune.__main__ import main
@@ -14,7 +15,6 @@ from llmprune.checkpoint import LayerCheckpoint
 from llmprune.errors import UsageError
 
 from conftest import tiny_model
-from test_cli import FAST
 
 CALIBRATION = torch.randint(0, 512, (4, 24), generator=torch.Generator().manual_seed(1))
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import llmprune
-from conftest import tiny_model
 from llmprune.__main__ import main
 from llmprune.errors import UsageError
 from llmprune.schedules import owl_outlier_ratios, owl_sparsities, parse_schedule
+
+from conftest import tiny_model
 
 
 def test_owl_sparsities_average_to_target_within_lambda():

@@ -102,8 +102,9 @@ def test_structured_global_queries_layers_round_to_on_the_real_model(tmp_path):
     assert config["model_type"] == "llmprune_llama" and config["num_hidden_layers"] == 28 and len(sizes) == 28
     assert all(s["num_key_value_heads"] == 3 and s["num_attention_heads"] % 3 == 0 for s in sizes)
     assert all(s["intermediate_size"] % 64 == 0 for s in sizes) and len({s["intermediate_size"] for s in sizes}) > 1
-    import llmprune  # noqa: F401  (registers the class)
     from transformers import AutoModelForCausalLM
+
+    import llmprune  # noqa: F401  (registers the class)
 
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():

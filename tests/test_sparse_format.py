@@ -8,13 +8,14 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import llmprune
 from llmprune import api
 from llmprune.__main__ import main
 from llmprune.errors import UsageError
 from llmprune.save import save_folder
+
+from conftest import tiny_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 

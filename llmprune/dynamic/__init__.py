@@ -28,8 +28,15 @@ from torch import nn
 from ..errors import UsageError
 from ..models.adapters import adapter_for
 from . import fit as _fit
-from .modeling_llmprune_dynamic import (CONFIG_NAME, LOADER_NAME, MODELING_NAME, DynamicState, attach, detach,
-                                        LlmpruneDynamicForCausalLM)
+from .modeling_llmprune_dynamic import (
+    CONFIG_NAME,
+    LOADER_NAME,
+    MODELING_NAME,
+    DynamicState,
+    LlmpruneDynamicForCausalLM,
+    attach,
+    detach,
+)
 
 __all__ = ["DynamicReport", "DynamicState", "Fitted", "attach", "calibrate", "default_exit_layers", "detach",
            "fit_dynamic", "load_dynamic", "make_dynamic", "measure", "parse_exit_layers", "save_dynamic"]

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
-import math
 import os
 import sys
 from collections import Counter
@@ -187,7 +186,7 @@ class DynamicState:
             handle.write("\n")
 
     @classmethod
-    def load(cls, folder, **hub) -> "DynamicState | None":
+    def load(cls, folder, **hub) -> DynamicState | None:
         """The state saved in ``folder`` (local or Hub), or None if it has none."""
         paths = [_file(folder, name, **hub) for name in (CONFIG_NAME, WEIGHTS_NAME)]
         if None in paths:

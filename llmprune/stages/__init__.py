@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from ..errors import UsageError
 from ..options import check_values
@@ -60,7 +61,7 @@ class Stage:
         return cls.options
 
     @classmethod
-    def build(cls, method: str, values: dict) -> "Stage":
+    def build(cls, method: str, values: dict) -> Stage:
         """A checked stage from given values (missing ones take their defaults)."""
         stage = cls(method, check_values(cls.all_options(), values), frozenset(values))
         stage.check()

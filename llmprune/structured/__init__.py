@@ -17,19 +17,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..api import check_batch_size, check_calibration, check_device
 from .. import distributed
+from ..api import check_batch_size, check_calibration, check_device
 from ..calibrate import run_layerwise
-from ..placement import execution_device, onloaded
 from ..checkpoint import LayerCheckpoint, run_fingerprint
 from ..errors import UsageError
 from ..evaluate import count_parameters
-from ..options import check_values
-from ..stages.structured import Structured, check_something_removed
 from ..models.adapters import HeadGeometry, adapter_for, adapter_for_config, base_model_type, head_channels
+from ..options import check_values
+from ..placement import execution_device, onloaded
+from ..stages.structured import Structured, check_something_removed
 from . import surgery
-from .scores import (ChannelStats, LayerChange, kv_head_scores, neuron_scores, query_head_scores,
-                     standardise)
+from .scores import ChannelStats, LayerChange, kv_head_scores, neuron_scores, query_head_scores, standardise
 
 SCORES = ("magnitude", "wanda", "flap")
 ALLOCATIONS = ("uniform", "global")
