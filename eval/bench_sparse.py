@@ -116,9 +116,11 @@ def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work
             result[f"{dtype}_dense_bytes"], result[f"{dtype}_sparse_bytes"] = folder_bytes(dense), folder_bytes(sparse)
             result[f"{dtype}_bytes_ratio"] = result[f"{dtype}_sparse_bytes"] / result[f"{dtype}_dense_bytes"]
             if dtype == "float32":
-                loads = interleaved({"dense": lambda: load_model(str(dense)), "sparse": lambda: load_model(str(sparse)),
-                                     "dense_used": lambda: first_forward(load_model(str(dense))[0]),
-                                     "sparse_used": lambda: first_forward(load_model(str(sparse))[0])}, rounds=5)
+                loads = interleaved({"dense": lambda dense=dense: load_model(str(dense)),
+                                     "sparse": lambda sparse=sparse: load_model(str(sparse)),
+                                     "dense_used": lambda dense=dense: first_forward(load_model(str(dense))[0]),
+                                     "sparse_used": lambda sparse=sparse: first_forward(load_model(str(sparse))[0])},
+                                    rounds=5)
                 result.update(load_dense_s=loads["dense"], load_sparse_s=loads["sparse"],
                               load_ratio=loads["sparse"] / loads["dense"],
                               load_and_forward_ratio=loads["sparse_used"] / loads["dense_used"])
@@ -142,7 +144,7 @@ def write_tables(results: list, header: dict) -> None:
              "layers switched | linear layers speedup | prefill 64 with head | without head | decode |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        fmt = lambda key, spec=".2f": format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
+        fmt = lambda key, spec=".2f", r=r: format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
         prefill = r.get("prefill") or {}
         lines.append(f"| {r['row']} | {fmt('realised_sparsity', '.3f')} | {r['perplexity']:.2f} | "
                      f"{fmt('float32_bytes_ratio', '.3f')} | {fmt('bfloat16_bytes_ratio', '.3f')} | {fmt('load_ratio')} | {fmt('load_and_forward_ratio')} | "

@@ -566,7 +566,7 @@ def _default_part(part: str) -> tuple[str, ...]:
     # Cap deterministically: take files in hash order (a fixed pseudo-random sample of the
     # library, not its alphabetical start) until the character budget is spent.
     kept, used = [], 0
-    for h, rel, doc in sorted(chosen):
+    for _h, rel, doc in sorted(chosen):
         if kept and used + len(doc) > _DEFAULT_MAX_CHARS[part]:
             break
         kept.append((rel, doc))

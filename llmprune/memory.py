@@ -229,7 +229,8 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # both exist in glibc, not in musl
+        # Attribute access raises AttributeError unless both exist (glibc has them, musl does not).
+        _ = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         return None
     return libc

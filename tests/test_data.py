@@ -443,7 +443,7 @@ def test_real_offline_failure_is_fast(monkeypatch, tmp_path):
     _start_online(monkeypatch)
     for preset in ("wikitext2", "c4", "ptb"):
         start = time.monotonic()
-        usage_error(lambda: data.load_texts([preset], "evaluation"), f"'{preset}'", "local datasets cache")
+        usage_error(lambda preset=preset: data.load_texts([preset], "evaluation"), f"'{preset}'", "local datasets cache")
         assert time.monotonic() - start < 10
     assert datasets.config.HF_HUB_OFFLINE is False
 
@@ -528,7 +528,7 @@ def test_bad_parquet_files(tmp_path):
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     for name, needle in [("nocol", "'text' column"), ("norows", "empty"), ("ints", "not strings")]:
         path = str(tmp_path / f"{name}.parquet")
-        usage_error(lambda: data.load_texts([path], "calibration"), f"{name}.parquet", needle)
+        usage_error(lambda path=path: data.load_texts([path], "calibration"), f"{name}.parquet", needle)
 
 
 def test_bad_file_inside_folder_names_the_file(tmp_path):

@@ -34,7 +34,7 @@ def _pruned_pair(seed: int = 0):
     student = copy.deepcopy(teacher)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, parameter in student.model.layers.named_parameters():
+        for _name, parameter in student.model.layers.named_parameters():
             if parameter.dim() == 2:
                 parameter[torch.rand(parameter.shape, generator=generator) < 0.5] = 0.0
         student.model.layers[0].mlp.down_proj.weight[0, 0] = -0.0

@@ -169,7 +169,7 @@ def test_kills_during_save_leave_target_absent_old_or_complete(tmp_path, model_f
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         processes = []
-        for i, (sig, replace, at) in enumerate(cases):
+        for i, (_sig, replace, _at) in enumerate(cases):
             parent = tmp_path / f"case{i}"
             parent.mkdir()
             if replace:

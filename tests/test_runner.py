@@ -69,10 +69,10 @@ def reference_wanda(model, ids, sparsity):
     """Independent reference: before pruning layer i, run the *whole* model (layers < i already
     pruned) with hooks collecting the inputs of layer i's linears; prune each row by |W|*||X_j||."""
     layers = model.model.layers
-    for i, layer in enumerate(layers):
+    for layer in layers:
         sums = {}
 
-        def hook(module, args, output, key):
+        def hook(module, args, output, key, sums=sums):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             sums[key] = sums.get(key, 0) + x.pow(2).sum(0)
 

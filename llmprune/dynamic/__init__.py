@@ -29,7 +29,6 @@ from ..errors import UsageError
 from ..models.adapters import adapter_for
 from . import fit as _fit
 from .modeling_llmprune_dynamic import (
-    CONFIG_NAME,
     LOADER_NAME,
     MODELING_NAME,
     DynamicState,

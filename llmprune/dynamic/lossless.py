@@ -58,7 +58,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, mi
 
     state = model.llmprune_dynamic
     draft = state.settings["lossless"]
-    exit_layer, draft_tokens = draft["draft_exit_layer"], draft["draft_tokens"]
+    draft_tokens = draft["draft_tokens"]
     eos = set() if eos_token_id is None else set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
     previous_mode = state.mode
     cache = DynamicCache(config=model.config)
