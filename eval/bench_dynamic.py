@@ -125,12 +125,12 @@ def main() -> None:
     print(f"full: ppl {full_metrics['ppl']:.3f}, decode {args.new_tokens / full_decode:.2f} tokens/s", flush=True)
 
     t = time.perf_counter()
-    stats = fitting.collect(model, calibration[:-args.holdout], default_exit_layers(num_layers), device=torch.device("cpu"),
-                            progress=False)
+    stats = fitting.collect(model, calibration[:-args.holdout], default_exit_layers(num_layers),
+                            device=torch.device("cpu"), progress=False)
     fitted = fit_dynamic(model, calibration, device=torch.device("cpu"), progress=False, stats=stats,
                  probe_windows=args.probe_windows, holdout_windows=args.holdout)
-    fitted_plain = fit_dynamic(model, calibration, device=torch.device("cpu"), progress=False, stats=stats, fit_maps=False,
-                       probe_windows=args.probe_windows, holdout_windows=args.holdout)
+    fitted_plain = fit_dynamic(model, calibration, device=torch.device("cpu"), progress=False, stats=stats,
+                               fit_maps=False, probe_windows=args.probe_windows, holdout_windows=args.holdout)
     fit_seconds = time.perf_counter() - t
     print(f"fitted in {fit_seconds:.0f} s", flush=True)
 
@@ -184,13 +184,15 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "calibration"}, default=str), flush=True)
         detach(model)
 
-    result = {"setup": {"model": f"SmolLM2-135M (float32, CPU, {args.threads} thread{'s' if args.threads > 1 else ''})", "nsamples": args.nsamples,
+    result = {"setup": {"model": f"SmolLM2-135M (float32, CPU, {args.threads} thread{'s' if args.threads > 1 else ''})",
+                        "nsamples": args.nsamples,
                         "seqlen": args.seqlen, "holdout_windows": args.holdout, "probe_windows": args.probe_windows,
                         "eval": f"first {windows.numel() - (windows.shape[0] if bos is not None else 0)} tokens of "
                                 f"persuasion, {args.eval_seqlen}-token windows"
                                 f"{', BOS prepended' if bos is not None else ''}",
                         "decode": f"batch 1, {args.new_tokens} greedy tokens after a 64-token prompt, best of "
-                                  f"{args.repeats}, each row's full-model and dynamic runs alternating", "exit_layers": fitted.exit_layers, "fit_seconds": fit_seconds,
+                                  f"{args.repeats}, each row's full-model and dynamic runs alternating",
+                        "exit_layers": fitted.exit_layers, "fit_seconds": fit_seconds,
                         "total_seconds": time.perf_counter() - started,
                         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                      "transformers": transformers.__version__},
@@ -219,7 +221,8 @@ def markdown(result: dict) -> str:
         if r.get("acceptance") is not None or r.get("draft"):
             draft = r["draft"]
             extra = (f" acceptance {r['acceptance']:.2f}" if r.get("acceptance") is not None else "") + \
-                    f" (drafting {'on' if draft.get('drafting') else 'off'}; predicted x{draft.get('expected_speedup', float('nan')):.2f})"
+                    f" (drafting {'on' if draft.get('drafting') else 'off'}; " \
+                    f"predicted x{draft.get('expected_speedup', float('nan')):.2f})"
         lines.append(
             f"| {r['row']} | {r['ppl']:.2f} | {r['ppl'] / full:.3f} | {r['agreement']:.3f} | {r['avg_layers']:.2f} | "
             f"{'-' if r['decode_avg_layers'] is None else format(r['decode_avg_layers'], '.2f')} | "

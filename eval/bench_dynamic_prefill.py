@@ -90,10 +90,12 @@ def main() -> None:
     lines = ["# Dynamic wrapper: prefill speed", "",
              f"SmolLM2-135M, one {args.tokens}-token prompt, no cache, {args.threads} threads; "
              f"{args.reps} interleaved pairs.", "",
-             "| static s (median) | dynamic s (median) | static/dynamic speed (median of pairs) | avg layers | MLP skips |",
+             "| static s (median) | dynamic s (median) | static/dynamic speed (median of pairs) | avg layers "
+             "| MLP skips |",
              "|---|---|---|---|---|",
              f"| {statistics.median(s for s, _ in pairs):.3f} | {statistics.median(d for _, d in pairs):.3f} | "
-             f"{result['speed_ratio_median']:.3f} | {summary['avg_layers']:.2f} | {summary['mlp_skip_fraction']:.3f} |", ""]
+             f"{result['speed_ratio_median']:.3f} | {summary['avg_layers']:.2f} | "
+             f"{summary['mlp_skip_fraction']:.3f} |", ""]
     Path(args.output + ".md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 

@@ -121,7 +121,8 @@ def collect() -> None:
     if rows:
         r = rows[0]
         lines += ["", f"Perplexity on {r['eval_tokens']:,} tokens of persuasion; the curve on its first "
-                  f"{r['curve_tokens']:,}. Settings of each row are in bench_recover.json. Realised sparsity: exact zeros "
+                  f"{r['curve_tokens']:,}. Settings of each row are in bench_recover.json. "
+                  "Realised sparsity: exact zeros "
                   "among the decoder linear weights (a structured student keeps the de-quantised model's own "
                   "zeros). Measured with one thread per process, two processes side by side on a shared 2-core "
                   "machine (load 8-15): tokens/s are what that machine gave, not what SmolLM2 needs."]

@@ -38,8 +38,8 @@ ONE = [sys.executable, "-m", "llmprune"]
 ROWS = {
     "memory": (None, ONE, ["--method", "wanda"]),
     # offload: accelerate keeps 40% of the float32 model in RAM (--max-memory cpu=...), the rest on disk
-    "offload cpu+disk": ("memory", ONE, ["--method", "wanda", "--device-map", "auto", "--max-memory", "cpu={cpu_budget}",
-                                         "--offload-folder", "{work}/offload"]),
+    "offload cpu+disk": ("memory", ONE, ["--method", "wanda", "--device-map", "auto",
+                                         "--max-memory", "cpu={cpu_budget}", "--offload-folder", "{work}/offload"]),
     "stream": ("memory", ONE, ["--method", "wanda", "--stream"]),
     "stream, activations on disk": ("memory", ONE, ["--method", "wanda", "--stream", "--activations-on-disk",
                                                     "{work}/activations"]),
@@ -114,7 +114,8 @@ def write_results(setup: dict, results: list[dict], note: str = "") -> None:
     base_with_model_code = setup["baseline_with_model_code_rss_bytes"]
     args = argparse.Namespace(nsamples=setup["nsamples"], seqlen=setup["seqlen"])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_scale.json").write_text(json.dumps({"setup": setup, "note": note, "rows": results}, indent=2) + "\n")
+    (RESULTS / "bench_scale.json").write_text(
+        json.dumps({"setup": setup, "note": note, "rows": results}, indent=2) + "\n")
     memory_row = next((r for r in results if r["row"] == "memory"), None)
     mib = 2**20
     lines = [f"Setup: SmolLM2-135M (float32 model: {model_bytes / mib:.0f} MiB), CPU, Wanda 50% unless named; "
@@ -133,11 +134,13 @@ def write_results(setup: dict, results: list[dict], note: str = "") -> None:
         ratio = f"{r['wall_s'] / memory_row['wall_s']:.2f}x" if memory_row else "-"
         diff = f"{r['max_relative_difference']:.1e}" if "max_relative_difference" in r else "-"
         lines.append(f"| {r['row']} | {r['wall_s']:.1f} | {r['prune_s']:.1f} | {ratio} | "
-                     f"{r['peak_rss_largest_process_bytes'] / mib:.0f} | {r['peak_minus_baseline_over_fp32_model']:.2f}x | "
+                     f"{r['peak_rss_largest_process_bytes'] / mib:.0f} | "
+                     f"{r['peak_minus_baseline_over_fp32_model']:.2f}x | "
                      f"{r['peak_rss_prune_phase_bytes'] / mib:.0f} | "
                      f"{r['prune_phase_peak_minus_baseline_over_fp32_model']:.2f}x | "
                      f"{r['prune_phase_peak_minus_baseline_with_model_code_over_fp32_model']:.2f}x | "
-                     f"{r.get('equal_to', '-')} | {r.get('bitwise_equal', '-')} | {r.get('masks_equal', '-')} | {diff} |")
+                     f"{r.get('equal_to', '-')} | {r.get('bitwise_equal', '-')} | "
+                     f"{r.get('masks_equal', '-')} | {diff} |")
     lines += ["", "Commands:", ""] + [f"- {r['row']}: `{r['command']}`" for r in results] + [""]
     if note:
         lines.insert(1, "")
@@ -167,9 +170,11 @@ def main() -> None:
         for row in rows:
             reference, launcher, extra = ROWS[row]
             out = work / row.replace(" ", "_").replace(",", "").replace("+", "_")
-            flags = ["--model", args.model, "--calib-data", str(AUSTEN / "emma.txt.gz"), str(AUSTEN / "mansfieldpark.txt.gz"),
+            flags = ["--model", args.model,
+                     "--calib-data", str(AUSTEN / "emma.txt.gz"), str(AUSTEN / "mansfieldpark.txt.gz"),
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval-data", "none",
-                     "--no-progress", "--output", str(out), *[e.format(work=work, cpu_budget=int(model_bytes * 0.4)) for e in extra]]
+                     "--no-progress", "--output", str(out),
+                     *[e.format(work=work, cpu_budget=int(model_bytes * 0.4)) for e in extra]]
             # two processes: one thread each (torchrun's default), so both settings use the 2 cores
             row_env = {**env, "OMP_NUM_THREADS": "1"} if launcher is LAUNCH_2 else env
             print(f"[{row}]", flush=True)
@@ -179,7 +184,8 @@ def main() -> None:
                                                        if launcher is LAUNCH_2 else ["python -m llmprune"]) + flags),
                       **measured, "prune_s": report["timings"]["prune_s"],
                       "peak_rss_prune_phase_bytes": report["peak_memory"]["rss_peak_prune_bytes"],
-                      "peak_minus_baseline_over_fp32_model": (measured["peak_rss_largest_process_bytes"] - base) / model_bytes,
+                      "peak_minus_baseline_over_fp32_model":
+                          (measured["peak_rss_largest_process_bytes"] - base) / model_bytes,
                       "prune_phase_peak_minus_baseline_over_fp32_model":
                           (report["peak_memory"]["rss_peak_prune_bytes"] - base) / model_bytes,
                       "prune_phase_peak_minus_baseline_with_model_code_over_fp32_model":
@@ -195,7 +201,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     setup = {"model": "SmolLM2-135M (float32, CPU)", "model_float32_bytes": model_bytes,
-             "baseline_rss_bytes": base, "baseline_with_model_code_rss_bytes": base_with_model_code, "nsamples": args.nsamples, "seqlen": args.seqlen,
+             "baseline_rss_bytes": base, "baseline_with_model_code_rss_bytes": base_with_model_code,
+             "nsamples": args.nsamples, "seqlen": args.seqlen,
              "threads": "2 for one process; 1 per process for two processes (2 cores in all)",
              "machine": f"{psutil.cpu_count()} CPU cores, shared with other sessions during the run"}
     if args.model != "llama":  # a trial run: print, keep the committed results

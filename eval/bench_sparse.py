@@ -140,14 +140,16 @@ def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work
 def write_tables(results: list, header: dict) -> None:
     lines = ["# Sparse checkpoints and sparse CPU execution: SmolLM2-135M", "",
              f"{header['setup']}", "", f"Command: `{header['command']}`", "",
-             "| row | sparsity | ppl | fp32 sparse/dense bytes | bf16 sparse/dense bytes | load sparse/dense | load + 1st forward | "
+             "| row | sparsity | ppl | fp32 sparse/dense bytes | bf16 sparse/dense bytes | load sparse/dense | "
+             "load + 1st forward | "
              "layers switched | linear layers speedup | prefill 64 with head | without head | decode |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         fmt = lambda key, spec=".2f", r=r: format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
         prefill = r.get("prefill") or {}
         lines.append(f"| {r['row']} | {fmt('realised_sparsity', '.3f')} | {r['perplexity']:.2f} | "
-                     f"{fmt('float32_bytes_ratio', '.3f')} | {fmt('bfloat16_bytes_ratio', '.3f')} | {fmt('load_ratio')} | {fmt('load_and_forward_ratio')} | "
+                     f"{fmt('float32_bytes_ratio', '.3f')} | {fmt('bfloat16_bytes_ratio', '.3f')} | "
+                     f"{fmt('load_ratio')} | {fmt('load_and_forward_ratio')} | "
                      f"{r['switched']}/{r['layers']} | {r['decoder_linear_speedup']:.2f}x | "
                      f"{format(prefill['speedup_with_head'], '.2f') + 'x' if prefill else '-'} | "
                      f"{format(prefill['speedup_without_head'], '.2f') + 'x' if prefill else '-'} | "

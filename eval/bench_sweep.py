@@ -57,7 +57,8 @@ def main() -> int:
         runs = first + [r for r in grid if r not in first]
         previous = json.loads(Path(args.resume).read_text()) if args.resume else None
         if previous:  # skip what was measured; then a coarse pass over every method and pattern first
-            done = {(r["method"], r["pattern"], r["schedule"], round(r["target_sparsity"], 6)) for r in previous["runs"]}
+            done = {(r["method"], r["pattern"], r["schedule"], round(r["target_sparsity"], 6))
+                    for r in previous["runs"]}
             runs = [r for r in runs if (r.method, r.pattern, r.schedule, round(r.sparsity, 6)) not in done]
             priority = ["0.50", "2:4", "4:8", "0.80", "0.60", "0.40", "0.20", "0.30", "0.10", "0.70"]
             runs.sort(key=lambda r: (priority.index(r.label) if r.label in priority else 99,
@@ -108,8 +109,8 @@ def main() -> int:
             table += "OWL per-layer sparsity at 0.70: " + ", ".join(f"{x:.3f}" for x in sched) + "\n"
     work_s = sum(r["prune_s"] + r["eval_s"] for r in results["runs"]) + (results["owl"] or {}).get("seconds", 0)
     table += (f"\n{len(results['runs'])} runs; pruning + evaluation time {work_s / 60:.0f} min on the shared CPU"
-              + (" (several processes, each resuming the results of the one before)" if results["timings"].get("resumed")
-                 else "") + ".\n")
+              + (" (several processes, each resuming the results of the one before)"
+                 if results["timings"].get("resumed") else "") + ".\n")
     (RESULTS / "bench_sweep.md").write_text(table)
     plot(results, RESULTS / "bench_sweep.png")
     print(table)

@@ -194,7 +194,8 @@ class LayerCheckpoint:
         stored = self._load(_inputs_file(index))
         if sorted(stored) != sorted(str(b) for b in range(len(like))) or any(
                 stored[str(b)].shape != h.shape for b, h in enumerate(like)):
-            raise UsageError(f"--checkpoint-dir {str(self.folder)!r}: stored inputs do not match the calibration batches")
+            raise UsageError(f"--checkpoint-dir {str(self.folder)!r}: "
+                             "stored inputs do not match the calibration batches")
         return [stored[str(b)].to(device=h.device, dtype=h.dtype) for b, h in enumerate(like)]
 
 

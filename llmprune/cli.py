@@ -119,7 +119,8 @@ def spec_from_argv(argv: list[str]):
 
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(all_methods())}")
     if cls.kind == "recover":
-        raise UsageError("--method recover: use python -m llmprune recover FOLDER (or --recover-* flags on a prune run)")
+        raise UsageError("--method recover: use python -m llmprune recover FOLDER "
+                         "(or --recover-* flags on a prune run)")
     by_kind = _given_by_kind(given)
     _check_foreign(cls.kind, by_kind)
     values = check_values(RUN_OPTIONS, given)

@@ -80,9 +80,9 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, bos_token
         nll_sum += nll
         predicted += targets.numel()
     mean = nll_sum / predicted
-    return Perplexity(perplexity=math.exp(mean) if mean < 709 else math.inf, nll_sum=nll_sum, predicted_tokens=predicted,
-                      windows=windows, seqlen=seqlen, bos_prepended=bos_token_id is not None,
-                      seconds=time.perf_counter() - started)
+    return Perplexity(perplexity=math.exp(mean) if mean < 709 else math.inf, nll_sum=nll_sum,
+                      predicted_tokens=predicted, windows=windows, seqlen=seqlen,
+                      bos_prepended=bos_token_id is not None, seconds=time.perf_counter() - started)
 
 
 @torch.no_grad()

@@ -146,8 +146,9 @@ def check_placement(spec: RunSpec, group) -> None:
     for stage in spec.stages:
         if mode not in stage.placements:
             flag = {"stream": "--stream", "offload": "--device-map"}[mode]
+            whole = mode == "offload" or "memory" in stage.placements
             raise UsageError(f"{flag} is not supported by --method {stage.method} "
-                             f"({'it loads the whole model' if mode == 'offload' or 'memory' in stage.placements else ''})"
+                             f"({'it loads the whole model' if whole else ''})"
                              .replace(" ()", ""))
         if group is not None and not stage.processes:
             raise UsageError(f"--method {stage.method} runs in one process (not under accelerate launch)")

@@ -182,7 +182,8 @@ def refuse_unless_fits(estimate: MemoryEstimate, mode: str, force: bool) -> None
 
     where, need, have, parts = ("the host", estimate.host, estimate.host_available, estimate.parts)
     if estimate.device_available is not None and estimate.device > estimate.device_available:
-        where, need, have, parts = ("the CUDA device", estimate.device, estimate.device_available, estimate.device_parts)
+        where, need, have, parts = ("the CUDA device", estimate.device, estimate.device_available,
+                                    estimate.device_parts)
     detail = ", ".join(f"{name} {_gib(size)}" for name, size in parts.items() if size)
     hints = []
     activations_dominate = parts.get("activations", 0) >= max(parts.values())

@@ -154,7 +154,8 @@ def parse_device_map(value: str | None):
         return value
     path = Path(value).expanduser()
     if path.suffix != ".json" or not path.is_file():
-        raise UsageError(f"--device-map must be one of {', '.join(DEVICE_MAPS)} or an existing .json file, got {value!r}")
+        raise UsageError(f"--device-map must be one of {', '.join(DEVICE_MAPS)} or an existing .json file, "
+                         f"got {value!r}")
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:

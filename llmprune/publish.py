@@ -24,7 +24,8 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise UsageError(f"--push-to-hub {repo_id!r}: not a valid repository id ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"--push-to-hub {repo_id!r}: not a valid repository id "
+                         f"({str(error).splitlines()[0]})") from None
 
 
 def _endpoint() -> str:

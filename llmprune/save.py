@@ -471,7 +471,8 @@ _SECRET_VARIABLE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KE
 _SECRET_TEXT = [
     (re.compile(r"\bhf_[A-Za-z0-9]{8,}"), "hf_***"),  # Hugging Face access tokens
     (re.compile(r"\b(ghp|gho|ghu|ghs|ghr|github_pat|glpat|sk|xox[abposr])([-_])[A-Za-z0-9_\-]{16,}"), r"\1\2***"),
-    (re.compile(r"(?i)(\b(?:token|secret|password|passwd|api[_-]?key|access[_-]?key)\s*[=:]\s*)[^\s'\"&,;]+"), r"\1***"),
+    (re.compile(r"(?i)(\b(?:token|secret|password|passwd|api[_-]?key|access[_-]?key)"
+                r"\s*[=:]\s*)[^\s'\"&,;]+"), r"\1***"),
     (re.compile(r"(://[^/\s:@]+:)[^/\s@]+@"), r"\1***@"),  # passwords in URLs
 ]
 
@@ -529,7 +530,8 @@ def model_card(base_model: str, report: dict) -> str:
         if schedule.get("name", "uniform") != "uniform":
             summary["schedule"] = schedule["name"]
             summary["realised_per_layer_sparsity"] = [round(x, 4) for x in report["prune"]["per_layer_sparsity"]]
-        title = f"{report['prune']['pattern']}, {report['prune']['overall_sparsity']:.1%} of decoder linear weights removed"
+        title = (f"{report['prune']['pattern']}, {report['prune']['overall_sparsity']:.1%} "
+                 "of decoder linear weights removed")
         storage = ("Unstructured and N:M sparsity is stored dense, with zeros in the removed positions: no "
                    "sparse checkpoint format is written, so the files are as large as the base model's and "
                    "the speed on ordinary kernels is unchanged.")

@@ -162,7 +162,8 @@ class SparseExecution:
         return dense / max(chosen, 1e-12)
 
     def report(self) -> dict:
-        return {"tokens": self.tokens, "threads": torch.get_num_threads(), "summary": self.summary(), "switched": [c.name for c in self.switched],
+        return {"tokens": self.tokens, "threads": torch.get_num_threads(), "summary": self.summary(),
+                "switched": [c.name for c in self.switched],
                 "decoder_linear_speedup": self.linear_speedup(), "layers": [asdict(c) for c in self.choices]}
 
 

@@ -44,7 +44,8 @@ class CheckpointReader:
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         if not (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").is_file():
-            raise UsageError(f"--stream needs a safetensors checkpoint (model.safetensors or an index) in {str(folder)!r}")
+            raise UsageError("--stream needs a safetensors checkpoint (model.safetensors or an index) "
+                             f"in {str(folder)!r}")
         # Headers parsed and checked (offsets, sizes, shards) by llmprune.models.validate.
         self._stored = checkpoint_tensors(folder)
 
@@ -197,7 +198,8 @@ def prune_streaming(folder: str | Path, output_folder: Path | None, calibration:
     if writer is not None:
         copy_outside_layers(reader, writer, prefix, dtype)
     if calibration is not None:
-        check_calibration(model, calibration, f"method {prune_options.get('method', 'wanda')}")  # against the real vocabulary
+        # against the real vocabulary
+        check_calibration(model, calibration, f"method {prune_options.get('method', 'wanda')}")
         calibration = load_embedding_rows(model, reader, calibration, device, dtype)
     placement = StreamFromCheckpoint(model, reader, writer, prefix, device, dtype)
     placement.activation_folder = activations_on_disk

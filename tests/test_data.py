@@ -443,7 +443,8 @@ def test_real_offline_failure_is_fast(monkeypatch, tmp_path):
     _start_online(monkeypatch)
     for preset in ("wikitext2", "c4", "ptb"):
         start = time.monotonic()
-        usage_error(lambda preset=preset: data.load_texts([preset], "evaluation"), f"'{preset}'", "local datasets cache")
+        usage_error(lambda preset=preset: data.load_texts([preset], "evaluation"), f"'{preset}'",
+                    "local datasets cache")
         assert time.monotonic() - start < 10
     assert datasets.config.HF_HUB_OFFLINE is False
 

@@ -131,7 +131,8 @@ def test_fifo_in_calibration_folder_is_refused_at_once(model_dir, sample, work, 
     # checked with the other flags, before the model is loaded: a big model would take minutes
     import llmprune.models.loading
 
-    monkeypatch.setattr(llmprune.models.loading, "load_model", lambda *a, **k: pytest.fail("loaded before the data check"))
+    monkeypatch.setattr(llmprune.models.loading, "load_model",
+                        lambda *a, **k: pytest.fail("loaded before the data check"))
     refused(capsys, prune_argv(model_dir, folder, work / "out"), "b.txt", "FIFO", within=30, workdir=work)
 
 
@@ -214,7 +215,8 @@ def test_random_file_kinds_in_a_data_folder(kinds):
 @pytest.fixture(scope="module")
 def text_bomb(tmp_path_factory):
     """About 13 MB of .txt.gz that expands to 5 GiB of ordinary text."""
-    return gzip_bomb(tmp_path_factory.mktemp("bomb") / "bomb.txt.gz", 5 << 30, b"all work and no play makes a dull day\n")
+    return gzip_bomb(tmp_path_factory.mktemp("bomb") / "bomb.txt.gz", 5 << 30,
+                     b"all work and no play makes a dull day\n")
 
 
 def test_gzip_bomb_of_text_is_refused_within_seconds(model_dir, text_bomb, work, capsys):
@@ -409,7 +411,8 @@ def test_mutated_recipes_end_in_one_line(edits, tmp_path_factory, capsys):
 
 def _function_task(folder: Path, marker: Path) -> None:
     """A local lm_eval task whose YAML names Python in the folder (!function): importing it writes marker."""
-    (folder / "utils.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n\ndef docs(dataset):\n    return dataset\n")
+    (folder / "utils.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n\n"
+                                     "def docs(dataset):\n    return dataset\n")
     (folder / "evil.yaml").write_text("task: evil\ndataset_path: json\ntest_split: test\n"
                                       "process_docs: !function utils.docs\noutput_type: multiple_choice\n"
                                       "doc_to_text: q\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n")

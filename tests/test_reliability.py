@@ -174,7 +174,8 @@ def test_kills_during_save_leave_target_absent_old_or_complete(tmp_path, model_f
             parent.mkdir()
             if replace:
                 shutil.copytree(reference["old"], parent / "out")
-            argv = cli(model_folder, calib_file, parent / "out", "--method", "wanda", *(["--overwrite"] if replace else []))
+            argv = cli(model_folder, calib_file, parent / "out", "--method", "wanda",
+                       *(["--overwrite"] if replace else []))
             processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "run_with_save_delay.py"),
                                                str(DELAY), *argv], cwd=parent, env=env,
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -474,7 +475,8 @@ def test_same_seed_gives_byte_identical_weights(model_folder, calib_file, tmp_pa
 
     real_speed = llmprune.evaluate.measure_speed  # structured runs time the model: shortened, it changes no weight
     monkeypatch.setattr(llmprune.evaluate, "measure_speed",
-                        lambda model, device=None, **_: real_speed(model, device, prompt_tokens=8, new_tokens=2, repeats=1))
+                        lambda model, device=None, **_: real_speed(model, device, prompt_tokens=8, new_tokens=2,
+                                                                   repeats=1))
     weights = {}
     for threads in (1, 2):
         for attempt in range(2):

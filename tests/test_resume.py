@@ -22,7 +22,8 @@ RUNS = {
     "wanda": lambda model, **kw: llmprune.prune(model, CALIBRATION, method="wanda", sparsity=0.5, progress=False, **kw),
     "sparsegpt-2:4": lambda model, **kw: llmprune.prune(model, CALIBRATION, method="sparsegpt", pattern="2:4",
                                                         progress=False, **kw),
-    "magnitude": lambda model, **kw: llmprune.prune(model, None, method="magnitude", sparsity=0.3, progress=False, **kw),
+    "magnitude": lambda model, **kw: llmprune.prune(model, None, method="magnitude", sparsity=0.3,
+                                                    progress=False, **kw),
     "structured-flap": lambda model, **kw: llmprune.prune_structured(
         model, CALIBRATION, heads=0.5, ffn=0.25, layers=1, score="flap", allocation="global", progress=False, **kw),
 }
@@ -109,7 +110,8 @@ def test_a_different_run_is_refused_and_names_what_changed(tmp_path, monkeypatch
     assert (other / "notes.txt").read_text() == "mine"
 
 
-def test_cli_resumes_after_an_interrupt_and_removes_the_checkpoint(tiny_folder, text_file, tmp_path, monkeypatch, capsys):
+def test_cli_resumes_after_an_interrupt_and_removes_the_checkpoint(tiny_folder, text_file, tmp_path, monkeypatch,
+                                                                   capsys):
     def cli(output, *extra):
         return main(["--model", str(tiny_folder), "--calib-data", str(text_file), "--eval-data", "none",
                      "--output", str(output), *FAST, "--method", "sparsegpt", *extra])

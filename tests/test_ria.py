@@ -18,7 +18,8 @@ def test_ria_scores_follow_the_paper_formula():
     sum_sq = torch.tensor([4.0, 16.0])  # ||X|| = 2, 4
     scores = ria_scores(weight, sum_sq, alpha=0.5)
     # |W|/row sum + |W|/column sum, times ||X_j|| ** 0.5
-    expected = torch.tensor([[1 / 3 + 1 / 4, 2 / 3 + 2 / 6], [3 / 7 + 3 / 4, 4 / 7 + 4 / 6]]) * torch.tensor([2.0, 4.0]).sqrt()
+    expected = (torch.tensor([[1 / 3 + 1 / 4, 2 / 3 + 2 / 6], [3 / 7 + 3 / 4, 4 / 7 + 4 / 6]])
+                * torch.tensor([2.0, 4.0]).sqrt())
     assert torch.allclose(scores, expected)
     assert torch.allclose(ria_scores(weight, sum_sq, alpha=0.0), expected / torch.tensor([2.0, 4.0]).sqrt())
 

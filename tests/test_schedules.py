@@ -40,7 +40,8 @@ def test_outlier_ratios_match_a_direct_computation():
     # Direct: hooks on the full model's forward record every projection's input; Wanda scores.
     squares = {}
     hooks = [module.register_forward_pre_hook(
-        lambda m, args, name=name: squares.__setitem__(name, squares.get(name, 0) + args[0].reshape(-1, args[0].shape[-1]).pow(2).sum(0)))
+        lambda m, args, name=name: squares.__setitem__(
+            name, squares.get(name, 0) + args[0].reshape(-1, args[0].shape[-1]).pow(2).sum(0)))
         for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and "layers" in name]
     with torch.no_grad():
         for row in calibration:

@@ -80,7 +80,8 @@ def test_removed_heads_equal_zeroed_output_columns(ratio):
     q_heads, kv = RATIOS[ratio]["num_attention_heads"], RATIOS[ratio]["num_key_value_heads"]
     for layer, shrunk in zip(original.model.layers, pruned.model.layers):
         kept_rows = [r for r in range(layer.self_attn.q_proj.out_features)
-                     if any(torch.equal(layer.self_attn.q_proj.weight[r], row) for row in shrunk.self_attn.q_proj.weight)]
+                     if any(torch.equal(layer.self_attn.q_proj.weight[r], row)
+                            for row in shrunk.self_attn.q_proj.weight)]
         kept_heads = sorted({r // 16 for r in kept_rows})
         assert len(kept_heads) == q_heads // 2
         # whole groups: every kept query head's KV group is kept with all its query heads

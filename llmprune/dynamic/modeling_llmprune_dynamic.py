@@ -302,7 +302,9 @@ class DraftExit(Scheme):
         self.exit_layer = exit_layer
 
     def exits(self, state, norm, count, hidden):
-        return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if count == self.exit_layer else None
+        if count != self.exit_layer:
+            return None
+        return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
 
 
 class MlpSkip(Scheme):
@@ -465,7 +467,8 @@ def attach(model: nn.Module, state: DynamicState) -> nn.Module:
     decoder = model.get_decoder()
     layers = decoder.layers
     if len(layers) != state.settings["num_layers"]:
-        raise ValueError(f"the dynamic settings are for {state.settings['num_layers']} layers, the model has {len(layers)}")
+        raise ValueError(f"the dynamic settings are for {state.settings['num_layers']} layers, "
+                         f"the model has {len(layers)}")
     detach(model)
     layout = state.layout
     norm = decoder.get_submodule(layout["final_norm"])
@@ -536,8 +539,8 @@ class LlmpruneDynamicForCausalLM:
         kwargs.pop("trust_remote_code", None)
         kwargs.pop("adapter_kwargs", None)
         if config is None:
-            config = AutoConfig.from_pretrained(folder, **{k: v for k, v in kwargs.items()
-                                                           if k in ("cache_dir", "revision", "token", "local_files_only")})
+            hub = ("cache_dir", "revision", "token", "local_files_only")
+            config = AutoConfig.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k in hub})
         model = static_class(config).from_pretrained(folder, *args, config=config, **kwargs)
         state = DynamicState.load(folder, **kwargs)
         if state is not None:

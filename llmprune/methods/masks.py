@@ -56,7 +56,8 @@ def parse_pattern(text: str | None) -> NMPattern | BlockPattern | None:
         return BlockPattern(int(block.group(1)))
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
     if not match:
-        raise UsageError(f"--pattern must be 'unstructured', N:M such as 2:4, or block:B such as block:32, got {text!r}")
+        raise UsageError("--pattern must be 'unstructured', N:M such as 2:4, or block:B such as block:32, "
+                         f"got {text!r}")
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
         raise UsageError(f"--pattern {n}:{m}: need 0 < N < M (N of every M weights are zeroed)")

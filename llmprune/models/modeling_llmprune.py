@@ -51,7 +51,8 @@ def _make_classes(base_type: str):
             layers[index] = layer_class(layer_config, index)
         self.post_init()
 
-    model_class = type(f"Llmprune{name}ForCausalLM", (base_model,), {"config_class": config_class, "__init__": __init__})
+    model_class = type(f"Llmprune{name}ForCausalLM", (base_model,),
+                       {"config_class": config_class, "__init__": __init__})
     config_class.__module__ = model_class.__module__ = __name__
     return config_class, model_class
 

@@ -23,7 +23,8 @@ class Dynamic(Stage):
     resumes = False
     speed_new_tokens = 128
     options = (
-        Option("early_exit", bool, False, "tokens may stop at an exit layer (the default when no dynamic mode is named)"),
+        Option("early_exit", bool, False,
+               "tokens may stop at an exit layer (the default when no dynamic mode is named)"),
         Option("token_skip", bool, False, "tokens may skip a layer's MLP (fitted routers)"),
         Option("max_ppl_increase", float, None, "calibrate to at most this relative perplexity increase "
                "(default 0.05 = 5%)", minimum=0),
@@ -97,9 +98,11 @@ class Dynamic(Stage):
         if v["lossless"]:
             draft = report.draft
             what = (f"lossless self-speculative decoding (draft exit {draft['draft_exit_layer']}, "
-                    f"{draft['draft_tokens']} tokens, drafting {'on' if draft['drafting'] else 'off: predicted slower'})")
+                    f"{draft['draft_tokens']} tokens, "
+                    f"drafting {'on' if draft['drafting'] else 'off: predicted slower'})")
         else:
-            modes = " + ".join(m for m, on in (("early exit", v["early_exit"]), ("MLP skipping", v["token_skip"])) if on)
+            modes = " + ".join(m for m, on in (("early exit", v["early_exit"]), ("MLP skipping", v["token_skip"]))
+                               if on)
             targets = " and ".join(t for t in (
                 None if report.max_ppl_increase is None else "ppl +" + format(report.max_ppl_increase, ".1%"),
                 None if report.min_agreement is None else "agreement >= " + format(report.min_agreement, ".1%")) if t)

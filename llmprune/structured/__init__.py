@@ -126,8 +126,9 @@ def _new_layer_statistics(adapter, layer: nn.Module, device: torch.device, group
 def collect_statistics(model, calibration, device=None, batch_size: int = 1, progress: bool = True,
                        checkpoint: LayerCheckpoint | None = None) -> list[dict]:
     """Per layer: hidden-state norms at the attention and MLP inputs, channel statistics of the
-    attention output projection's and the down projection's inputs, and how much the layer changes its input. With a checkpoint,
-    each layer's statistics are committed once its pass is done, and restored on resume."""
+    attention output projection's and the down projection's inputs, and how much the layer changes
+    its input. With a checkpoint, each layer's statistics are committed once its pass is done, and
+    restored on resume."""
     adapter = adapter_for(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     per_layer = []
@@ -144,7 +145,8 @@ def collect_statistics(model, calibration, device=None, batch_size: int = 1, pro
             hidden_in = args[0] if args else kwargs["hidden_states"]
             stats["change"].add_batch(hidden_in, output[0] if isinstance(output, tuple) else output)
 
-        return [*(linear.register_forward_hook(record(key)) for key, linear in adapter.statistics_points(layer).items()),
+        points = adapter.statistics_points(layer)
+        return [*(linear.register_forward_hook(record(key)) for key, linear in points.items()),
                 layer.register_forward_hook(change, with_kwargs=True)]
 
     def layer_state(index, layer):  # {"<statistic>.<field>": tensor} of this layer
@@ -212,7 +214,8 @@ def structured_checkpoint(folder: str | os.PathLike, model: nn.Module, calibrati
 
 def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, *,
                      device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
-                     statistics: list[dict] | None = None, checkpoint: str | os.PathLike | LayerCheckpoint | None = None,
+                     statistics: list[dict] | None = None,
+                     checkpoint: str | os.PathLike | LayerCheckpoint | None = None,
                      run_identity: dict | None = None, **options) -> StructuredReport:
     """Remove a fraction of attention heads and FFN neurons and K whole layers, in place.
 
@@ -251,7 +254,8 @@ def prune_structured(model: nn.Module, calibration: torch.Tensor | None = None, 
         stats = collect_statistics(model, calibration, device, batch_size, progress, checkpoint)
     change = [s["change"].value for s in stats] if stats else []
     drop = layers_to_drop(change, options["layers"])
-    support = _bias_support(adapter, decoder_layers[0], config) if score == "flap" else {"attention": False, "mlp": False}
+    support = (_bias_support(adapter, decoder_layers[0], config) if score == "flap"
+               else {"attention": False, "mlp": False})
     if drop:
         surgery.remove_layers(model, decoder_layers, drop)
         stats = [s for i, s in enumerate(stats) if i not in drop]
@@ -352,7 +356,8 @@ def kept_heads(scores: torch.Tensor, removed: int, gqa: str, geometry: HeadGeome
 
 
 def cut_layer(adapter, layer: nn.Module, geometry: HeadGeometry, stats: dict | None, score: str, support: dict,
-              heads: tuple[list[int], list[int]] | None, neuron_order: torch.Tensor | None, remove_neurons: int) -> None:
+              heads: tuple[list[int], list[int]] | None, neuron_order: torch.Tensor | None,
+              remove_neurons: int) -> None:
     """Cut one layer in place: keep ``heads`` = (query heads, KV heads) when given, and all FFN
     neurons but the first ``remove_neurons`` of ``neuron_order`` (ascending score). FLAP moves the
     mean contribution of removed channels into the output biases where the family has them."""
