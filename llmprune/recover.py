@@ -289,32 +289,29 @@ def learning_rate_at(step: int, steps: int, peak: float, warmup: float) -> float
 
 
 class RecoverCheckpoint:
-    """--checkpoint-dir for recovery, on llmprune.checkpoint.LayerCheckpoint: every N steps one
-    safetensors file holds the trainable tensors, the optimiser state, the RNG state and (as a
-    uint8 tensor) a JSON of the step, optimiser settings and curve; checkpoint.json, renamed into
-    place last, says which step is complete. The previous step's file is deleted after the commit."""
+    """--checkpoint-dir for recovery, on llmprune.checkpoint.LayerCheckpoint: one committed file
+    (the checkpoint's "layer 0") holds the trainable tensors, the optimiser state, the RNG state and
+    (as a uint8 tensor) a JSON of the step, optimiser settings and curve. Each save replaces it
+    atomically and records its digest in checkpoint.json, so a cut or changed file is refused."""
 
     def __init__(self, folder, fingerprint: dict):
         from .checkpoint import LayerCheckpoint
 
         self.layers = LayerCheckpoint(folder, fingerprint)
-        self.step = self.layers.open()
+        self.saved = self.layers.open() > 0
 
     def load(self) -> dict | None:
-        if self.step == 0:
+        if not self.saved:
             return None
-        tensors = self.layers.load_layer(self.step - 1)
+        tensors = self.layers.load_layer(0)
         meta = json.loads(bytes(tensors.pop("meta.json").tolist()).decode("utf-8"))
         return {"tensors": tensors, "meta": meta}
 
     def save(self, step: int, tensors: dict, meta: dict) -> None:
+        """Commit the state after ``step`` optimiser steps (the step is inside ``meta``)."""
         encoded = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-        previous = self.step
-        self.layers.save_layer(step - 1, {**tensors, "meta.json": encoded}, None)
-        self.step = step
-        stale = self.layers.folder / f"layer-{previous - 1:05d}.safetensors"
-        if previous and previous != step and stale.exists():
-            stale.unlink()
+        self.layers.save_layer(0, {**tensors, "meta.json": encoded}, None)
+        self.saved = True
 
 
 def training_state(model, optimizer) -> tuple[dict, dict]:
