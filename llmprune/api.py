@@ -20,6 +20,7 @@ from .calibrate import prune_layerwise
 from .checkpoint import LayerCheckpoint, run_fingerprint
 from .errors import UsageError
 from .methods import METHODS, NMPattern, make_method, method_options, parse_pattern
+from .methods.admm import UPDATES, with_update
 from .methods.masks import check_sparsity
 from .models.adapters import adapter_for
 
@@ -120,12 +121,18 @@ def prune_checkpoint(folder: str | os.PathLike, model: nn.Module, calibration: t
     return checkpoint
 
 
+def refit_identity(update: str, sequential: bool) -> dict:
+    """What a resumed run must share about --update and --sequential (nothing at their defaults)."""
+    return {**({"update": update} if update != "none" else {}), **({"sequential": True} if sequential else {})}
+
+
 def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str = "wanda",
           sparsity: float | None = None, pattern: str | NMPattern | None = None, *,
           device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
           checkpoint: str | os.PathLike | LayerCheckpoint | None = None, run_identity: dict | None = None,
           schedule: str | list[float] | None = None, owl_m: float = 5.0, owl_lambda: float = 0.08,
-          outlier_ratios: list[float] | None = None, placement=None, **method_options) -> PruneReport:
+          outlier_ratios: list[float] | None = None, placement=None, update: str = "none", sequential: bool = False,
+          **method_options) -> PruneReport:
     """Prune every linear projection of every decoder layer of ``model`` in place.
 
     calibration: [nsamples, seqlen] token ids (not needed for magnitude). sparsity: fraction
@@ -141,6 +148,11 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     weighted, with owl_m and owl_lambda; outlier_ratios already measured on this dense model skip
     that pass) or one sparsity per decoder layer; not with N:M patterns. The report's
     per_layer_sparsity is what was realised, schedule["per_layer"] what was asked.
+
+    update: "none", "obs" or "admm": after the method chose its masks, refit the weights on them
+    from the layer's XᵀX (llmprune.methods.admm.RefitOnMask), for any method, magnitude included.
+    sequential: prune q/k/v, then o, then gate/up, then down, each from the inputs that went
+    through the groups already pruned (llmprune.calibrate.prune_layerwise).
     """
     from .schedules import parse_schedule, resolve_schedule
 
@@ -162,7 +174,12 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     adapter = adapter_for(model)
     check_pattern_fits(model, nm)
     _check_method_options(method, method_options)
-    pruner = make_method(method, **method_options)
+    if update not in UPDATES:
+        raise UsageError(f"--update must be one of {', '.join(UPDATES)}, got {update!r}")
+    if not isinstance(sequential, bool):
+        raise UsageError(f"--sequential must be true or false, got {sequential!r}")
+    pruner = with_update(make_method(method, **method_options), update,
+                         **{k: v for k, v in method_options.items() if k in ("refit_iterations", "percdamp")})
     if pruner.needs_calibration or calibration is not None:  # unused by magnitude, but reported
         check_calibration(model, calibration, f"method {method}")
     device = next(model.parameters()).device if device is None else check_device(device)
@@ -175,10 +192,12 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = prune_checkpoint(checkpoint, model, calibration, method, target, nm, batch_size,
                                       {**(run_identity or {}), **({} if plan.name == "uniform" else
-                                                                   {"schedule": plan.as_dict()})}, **method_options)
+                                                                   {"schedule": plan.as_dict()}),
+                                       **refit_identity(update, sequential)}, **method_options)
     per_layer_target = plan.per_layer if plan.name != "uniform" else target
     record = prune_layerwise(model, adapter, pruner, per_layer_target, nm, calibration, torch.device(device),
-                             batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement)
+                             batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement,
+                             sequential=sequential)
     seconds = time.perf_counter() - started
 
     layers = len(adapter.layers(model))

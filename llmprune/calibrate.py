@@ -268,7 +268,7 @@ def _share_of_batches(calibration_ids: torch.Tensor, batch_size: int) -> torch.T
 def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: torch.Tensor | None,
                   device: torch.device, *, collect=None, apply=None, batch_size: int = 1,
                   progress: bool = True, desc: str = "layers", checkpoint: LayerCheckpoint | None = None,
-                  layer_state=None, restore_layer=None, combine=None, placement=None) -> list[float]:
+                  layer_state=None, restore_layer=None, combine=None, placement=None, steps=None) -> list[float]:
     """Visit every decoder layer, one at a time, where ``placement`` runs it; return seconds per layer.
 
     collect(index, layer) -> hook handles that gather statistics while calibration batches run.
@@ -276,6 +276,9 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
     apply(index, layer) changes the layer (pruning). With ``apply``: a statistics pass, the hooks
     removed, apply, then a propagation pass so the next layer sees the changed outputs. Without:
     one pass that both feeds the hooks and propagates. No calibration_ids: no passes at all.
+    steps(layer) -> k: k rounds of statistics pass, combine and apply per layer before the one
+    propagation pass, collect/combine/apply called with the round as a third argument (true-
+    sequential pruning: each round sees the changes of the rounds before it).
 
     placement: ``enter(index, layer)`` before a layer's passes, ``writable(layer)`` a context in
     which its weights are real and changes persist, ``leave(index, layer)`` after. Default: move
@@ -300,14 +303,14 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
             inputs = capture_layer_inputs(model, adapter, _share_of_batches(calibration_ids, batch_size),
                                           batch_size, device, hidden=on_disk)
         return _visit_layers(model, adapter, layers, inputs, placement, collect, apply, combine, checkpoint,
-                             layer_state, restore_layer, progress, desc)
+                             layer_state, restore_layer, progress, desc, steps)
     finally:
         if on_disk is not None:
             on_disk.close()
 
 
 def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, combine, checkpoint,
-                  layer_state, restore_layer, progress, desc) -> list[float]:
+                  layer_state, restore_layer, progress, desc, steps=None) -> list[float]:
     """The layer loop of run_layerwise (see there)."""
     resume_at = checkpoint.open() if checkpoint is not None else 0
     if resume_at:
@@ -346,18 +349,20 @@ def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, com
         started = time.perf_counter()
         placement.enter(index, layer)
         try:
-            hooks = collect(index, layer) if (collect is not None and inputs is not None) else []
-            try:
-                if inputs is not None and (hooks or apply is None):
-                    feed(index, layer, propagate=apply is None)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            if combine is not None and inputs is not None:
-                combine(index, layer)
+            for step in [()] if steps is None else [(k,) for k in range(steps(layer))]:
+                hooks = collect(index, layer, *step) if (collect is not None and inputs is not None) else []
+                try:
+                    if inputs is not None and (hooks or apply is None):
+                        feed(index, layer, propagate=apply is None)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                if combine is not None and inputs is not None:
+                    combine(index, layer, *step)
+                if apply is not None:
+                    with placement.writable(layer):
+                        apply(index, layer, *step)
             if apply is not None:
-                with placement.writable(layer):
-                    apply(index, layer)
                 if inputs is not None and index + 1 < len(layers):
                     feed(index, layer, propagate=True)
             if checkpoint is not None:
@@ -376,10 +381,13 @@ def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, com
 def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float | list[float],
                     pattern: NMPattern | None, calibration_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 1, progress: bool = True,
-                    checkpoint: LayerCheckpoint | None = None, placement=None) -> PruneRecord:
+                    checkpoint: LayerCheckpoint | None = None, placement=None, sequential: bool = False) -> PruneRecord:
     """Prune every linear projection of every decoder layer in place; see the module docstring.
     With a checkpoint, each pruned layer's linear weights are committed after it is done.
-    sparsity: one fraction for every layer, or a list with one per decoder layer (a schedule)."""
+    sparsity: one fraction for every layer, or a list with one per decoder layer (a schedule).
+    sequential: the input groups of a layer (q/k/v, o, gate/up, down) are pruned one after the
+    other, each from statistics of inputs that already went through the pruned groups before it;
+    otherwise all groups' statistics come from one pass of the unpruned layer."""
     if method.needs_calibration and calibration_ids is None:
         raise ValueError(f"method {method.name} needs calibration token ids")
     record = PruneRecord()
@@ -387,8 +395,12 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
 
     group_of_processes = distributed.current()
 
-    def collect(index, layer):
+    def chosen(layer, step):  # the input groups a round prunes: all, or the step-th
         groups = adapter.linear_groups(layer)
+        return groups if step is None else [groups[step]]
+
+    def collect(index, layer, step=None):
+        groups = chosen(layer, step)
         where = execution_device(layer, device)  # statistics live where the layer computes
         statistics[:] = [distributed.accumulator(lambda n=group[0][1].in_features: method.new_statistics(n, where),
                                                  group_of_processes) for group in groups]
@@ -403,11 +415,11 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         return [group[0][1].register_forward_pre_hook(record(stats, last=i == len(groups) - 1))
                 for i, (group, stats) in enumerate(zip(groups, statistics))]
 
-    def combine(index, layer):  # sums over the processes' batches (a no-op for one process)
+    def combine(index, layer, step=None):  # sums over the processes' batches (a no-op for one process)
         statistics[:] = [distributed.combine(stats, group_of_processes) for stats in statistics]
 
-    def apply(index, layer):
-        groups = adapter.linear_groups(layer)
+    def apply(index, layer, step=None):
+        groups = chosen(layer, step)
         group_statistics = statistics or [None] * len(groups)
         names = [[f"model.layers.{index}.{name}" for name, _ in group] for group in groups]
 
@@ -430,7 +442,8 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
                 _check_finite(new_weight, f"pruned weight of {full_name}")
                 linear.weight.copy_(new_weight.to(linear.weight.dtype))
         statistics.clear()
-        note(index, layer)
+        if step is None or step + 1 == len(adapter.linear_groups(layer)):
+            note(index, layer)
 
     def note(index, layer):
         for group in adapter.linear_groups(layer):
@@ -452,5 +465,6 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         model, adapter, calibration_ids if method.needs_calibration else None, device,
         collect=collect if method.needs_calibration else None, apply=apply, batch_size=batch_size,
         progress=progress, desc=f"{method.name}: layers", checkpoint=checkpoint, layer_state=layer_state,
-        restore_layer=restore_layer, combine=combine if method.needs_calibration else None, placement=placement)
+        restore_layer=restore_layer, combine=combine if method.needs_calibration else None, placement=placement,
+        steps=(lambda layer: len(adapter.linear_groups(layer))) if sequential and method.needs_calibration else None)
     return record

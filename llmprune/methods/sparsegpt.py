@@ -104,14 +104,15 @@ def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str
 
 def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity: float,
                     pattern: NMPattern | None, blocksize: int = 128, percdamp: float = 0.01,
-                    name: str = "") -> list[torch.Tensor]:
+                    name: str = "", removed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Prune float32 matrices [out_i, in] that share the input Hessian [in, in] (float64 or
     float32); return new float32 ones.
 
     Unstructured: in each block of ``blocksize`` columns, the floor(rows_i * block * sparsity)
     weights of each matrix with the lowest w² / [H⁻¹]_jj² are removed. N:M: every m columns,
     the n lowest of each row's group. After each column the error is spread over the columns
-    not yet visited (the OBS update), then over later blocks in one matmul.
+    not yet visited (the OBS update), then over later blocks in one matmul. ``removed``: bool
+    masks [out_i, in] chosen elsewhere (True where a weight goes), used instead of choosing.
     """
     import torch
 
@@ -132,6 +133,7 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
     W[:, dead] = 0
     hinv = upper_cholesky_of_inverse(hessian, percdamp, name)  # [in, in], upper triangular
 
+    fixed = None if removed is None else torch.cat(removed, 0)  # [rows, in]
     mask = torch.zeros_like(W, dtype=torch.bool)
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
@@ -142,7 +144,9 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
         block_mask = torch.zeros_like(block, dtype=torch.bool)
         errors = torch.zeros_like(block)
 
-        if pattern is None:
+        if fixed is not None:
+            block_mask = fixed[:, start:end].clone()
+        elif pattern is None:
             saliency = block.pow(2) / block_diag.pow(2).unsqueeze(0)  # [rows, count]
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 k = int((hi - lo) * count * sparsity)
@@ -151,7 +155,7 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
                     block_mask[lo:hi].view(-1)[flat] = True
 
         for i in range(count):
-            if pattern is not None and i % pattern.m == 0:
+            if fixed is None and pattern is not None and i % pattern.m == 0:
                 saliency = block[:, i:i + pattern.m].pow(2) / block_diag[i:i + pattern.m].pow(2)
                 picked = torch.topk(saliency, pattern.n, dim=1, largest=False).indices
                 block_mask[:, i:i + pattern.m].scatter_(1, picked, True)
