@@ -10,7 +10,6 @@ while masks are still chosen per matrix, so the result equals pruning each matri
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -54,52 +53,42 @@ class InputHessian:
 def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str = "",
                               max_retries: int = 4) -> torch.Tensor:
     """Dampen H by ``percdamp`` x mean(diag H), invert it, return the upper Cholesky factor of H⁻¹
-    as float32.
+    as float32. ``hessian`` (float64) is dampened in place.
 
-    The factorisations run in float64 and, on CPU, on one thread: LAPACK's blocked Cholesky splits
-    its sums by thread count, and the Hessians of real layers are ill-conditioned enough (~1e7-1e8)
-    that the resulting 1e-12 relative differences still change some float32 entries of the factor
-    (and then masks). One thread makes the factor the same in every process, whatever its thread
-    count; it costs a fraction of a second per [in, in] matrix at SmolLM2's sizes.
+    The factorisations run in float64 on the process's threads. LAPACK's blocked Cholesky splits
+    its sums by thread count, and real layers' Hessians are ill-conditioned enough (~1e7-1e8) that
+    the 1e-12 relative differences can change float32 entries of the factor: the result is the
+    same for the same Hessian and the same thread count (every process of a run, every rerun),
+    not across thread counts. Each float64 [in, in] temporary is freed as soon as it is used, and
+    freed heap goes back to the system afterwards.
     A failed factorisation is retried with ten times more dampening each time, then refused.
     """
-    with _one_thread(hessian.device):
-        return _upper_cholesky_of_inverse(hessian, percdamp, name, max_retries)
-
-
-@contextlib.contextmanager
-def _one_thread(device):
     import torch
 
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    if hessian.dtype != torch.float64:
+        hessian = hessian.double()
+    diagonal = torch.diagonal(hessian)
+    diagonal_mean = float(diagonal.mean())
+    damp, added = percdamp, 0.0
     try:
-        yield
+        for attempt in range(max_retries + 1):
+            diagonal.add_(damp * diagonal_mean - added)
+            added = damp * diagonal_mean
+            factor, info = torch.linalg.cholesky_ex(hessian)
+            if info == 0:
+                inverse = torch.cholesky_inverse(factor)
+                del factor
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
+                if info == 0 and torch.isfinite(upper).all():
+                    return upper.float()
+            if attempt < max_retries:
+                log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g",
+                            name, damp, damp * 10)
+                damp *= 10
+        raise NumericalError(f"{name}: Hessian is not positive definite even with dampening {damp:.3g}")
     finally:
-        torch.set_num_threads(threads)
-        release_free_heap()  # what the factorisation freed, in whichever thread's arena it was
-
-
-def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str, max_retries: int) -> torch.Tensor:
-    import torch
-
-    hessian = hessian.double()
-    diagonal_mean = torch.mean(torch.diag(hessian))
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    damp = percdamp
-    for attempt in range(max_retries + 1):
-        factor, info = torch.linalg.cholesky_ex(hessian + eye * (damp * diagonal_mean))
-        if info == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                return upper.float()
-        if attempt < max_retries:
-            log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g",
-                        name, damp, damp * 10)
-            damp *= 10
-    raise NumericalError(f"{name}: Hessian is not positive definite even with dampening {damp:.3g}")
+        release_free_heap()
 
 
 def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity: float,
@@ -118,7 +107,7 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
 
     if not torch.isfinite(hessian).all():
         raise NumericalError(f"{name}: non-finite values (NaN or inf) in the Hessian")
-    hessian = hessian.clone()
+    hessian = hessian.to(torch.float64, copy=True)
     W = torch.cat(weights, 0).float()  # [rows, in]: the stacked matrices
     rows, columns = W.shape
     if pattern is not None:
