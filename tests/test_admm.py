@@ -121,21 +121,38 @@ def test_sequential_differs_from_parallel_and_is_deterministic(method):
     assert not torch.equal(parallel["model.layers.0.mlp.down_proj.weight"], first["model.layers.0.mlp.down_proj.weight"])
 
 
-def test_cli_flags_stream_and_checkpoint(tiny_folder, text_file, tmp_path):
-    """admm with --update/--sequential from the command line; streaming saves the in-memory
-    result; a checkpoint written with --update admm is refused by a run without it."""
-    flags = ["--method", "admm", "--sequential", "--sparsity", "0.6"]
+def test_cli_flags_and_streaming_save_the_in_memory_result(tiny_folder, text_file, tmp_path):
+    flags = ["--method", "admm", "--sequential", "--sparsity", "0.6", "--update", "obs"]
     assert _cli(tiny_folder, text_file, tmp_path / "memory", *flags) == 0
     assert _cli(tiny_folder, text_file, tmp_path / "stream", *flags, "--stream") == 0
     memory, stream = _state(tmp_path / "memory"), _state(tmp_path / "stream")
     assert [k for k in memory if not torch.equal(memory[k], stream[k])] == []
-    report = json.loads((tmp_path / "memory" / "llmprune.json").read_text())
-    assert report["stages"][0]["report"]["overall_sparsity"] == pytest.approx(0.6, abs=0.01) if "stages" in report \
-        else True
-    checkpoint = tmp_path / "ckpt"
-    assert _cli(tiny_folder, text_file, tmp_path / "a", "--method", "wanda", "--update", "admm",
-                "--checkpoint-dir", str(checkpoint)) == 0
-    assert _cli(tiny_folder, text_file, tmp_path / "b", "--method", "wanda", "--checkpoint-dir", str(checkpoint)) == 2
+    pruned = [v for k, v in memory.items() if "proj" in k]
+    assert sum(int((v == 0).sum()) for v in pruned) / sum(v.numel() for v in pruned) == pytest.approx(0.6, abs=0.01)
+
+
+def test_a_checkpoint_remembers_update_and_sequential(tmp_path, monkeypatch):
+    from llmprune.checkpoint import LayerCheckpoint
+
+    original = LayerCheckpoint.save_layer
+
+    def interrupted(self, index, tensors, next_inputs):
+        original(self, index, tensors, next_inputs)
+        raise KeyboardInterrupt
+
+    folder = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:
+        patch.setattr(LayerCheckpoint, "save_layer", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llmprune.prune(tiny_model("llama"), _calibration(), method="wanda", checkpoint=folder, progress=False,
+                           update="admm", sequential=True)
+    with pytest.raises(UsageError, match="update"):
+        llmprune.prune(tiny_model("llama"), _calibration(), method="wanda", checkpoint=folder, progress=False)
+    resumed = tiny_model("llama")
+    llmprune.prune(resumed, _calibration(), method="wanda", checkpoint=folder, progress=False, update="admm",
+                   sequential=True)
+    expected = _pruned("wanda", update="admm", sequential=True)
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize("method", [["--method", "admm"], ["--method", "wanda", "--update", "admm", "--sequential"]],
