@@ -362,9 +362,8 @@ def _visit_layers(model, adapter, layers, inputs, placement, collect, apply, com
                 if apply is not None:
                     with placement.writable(layer):
                         apply(index, layer, *step)
-            if apply is not None:
-                if inputs is not None and index + 1 < len(layers):
-                    feed(index, layer, propagate=True)
+            if apply is not None and inputs is not None and index + 1 < len(layers):
+                feed(index, layer, propagate=True)
             if checkpoint is not None:
                 last = index + 1 == len(layers)
                 with placement.writable(layer):

@@ -34,6 +34,7 @@ weights in every process with the same thread count.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from ..errors import NumericalError
@@ -91,7 +92,7 @@ def removal_mask(values: torch.Tensor, bounds: list[int], sparsity: float, patte
     if pattern is not None:
         return smallest_n_of_m(magnitude, pattern)
     return torch.cat([smallest_count(magnitude[lo:hi], int(magnitude[lo:hi].numel() * sparsity))
-                      for lo, hi in zip(bounds[:-1], bounds[1:])])
+                      for lo, hi in pairwise(bounds)])
 
 
 def conjugate_gradient_refit(start: torch.Tensor, target: torch.Tensor, scaled_hessian: torch.Tensor,
@@ -191,7 +192,7 @@ def admm_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity: flo
     refit = conjugate_gradient_refit(weight, target, scaled_hessian, removed, refit_iterations)
     result = (refit / scale).masked_fill_(removed, 0)
     release_free_heap()
-    return [result[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [result[lo:hi] for lo, hi in pairwise(bounds)]
 
 
 def refit_on_support(weights: list[torch.Tensor], pruned: list[torch.Tensor], hessian: torch.Tensor,
@@ -209,7 +210,7 @@ def refit_on_support(weights: list[torch.Tensor], pruned: list[torch.Tensor], he
     target = (stacked * scale) @ scaled_hessian
     refit = conjugate_gradient_refit(start * scale, target, scaled_hessian, removed, iterations)
     result = (refit / scale).masked_fill_(removed, 0)
-    return [result[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [result[lo:hi] for lo, hi in pairwise(bounds)]
 
 
 class ADMM:
