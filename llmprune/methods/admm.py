@@ -261,11 +261,13 @@ class RefitOnMask:
         from ..distributed import Joint
 
         own = self.method.new_statistics(in_features, device) if self.method.needs_calibration else None
+        if isinstance(own, InputHessian):  # SparseGPT, ADMM: their own Hessian serves the refit too
+            return Joint([own])
         return Joint([own, InputHessian(in_features, device)])
 
     def prune_group(self, weights: list[torch.Tensor], statistics, sparsity: float, pattern: NMPattern | None,
                     name: str = "") -> list[torch.Tensor]:
-        own, hessian = statistics.parts
+        own, hessian = statistics.parts[0], statistics.parts[-1]
         pruned = self.method.prune_group(weights, own, sparsity, pattern, name=name)
         if self.update == "obs":
             return sparsegpt_prune(weights, hessian.hessian(), sparsity, pattern, percdamp=self.percdamp, name=name,
