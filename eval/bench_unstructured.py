@@ -110,6 +110,8 @@ def markdown(results: list[dict], settings: dict) -> str:
             lines.append(f"| dense | - | {r['perplexity']:.2f} | 0 | - | - | - |")
         else:
             extras = "".join(f", {k} {v}" for k, v in r.get("options", {}).items())
+            if r["threads"] != results[0]["threads"]:  # timings of this row are not comparable
+                extras += f" ({r['threads']} thread{'s' if r['threads'] > 1 else ''})"
             lines.append(f"| {r['method']}{extras} | {r['pattern']} | {r['perplexity']:.2f} | {r['realised_sparsity']:.4f} | "
                          f"{r['prune_s']:.1f} | {r['prune_over_forward']:.2f}x | {r['rss_growth_over_model']:.2f}x |")
     return "\n".join(lines) + "\n"
