@@ -220,8 +220,8 @@ class ADMM:
     statistics = "hessian"
     options = (
         Option("admm_iterations", int, 30, "admm: most ADMM iterations per group of layers (default 30)", minimum=0),
-        Option("refit_iterations", int, 20, "admm and --update admm: conjugate-gradient steps of the refit on the "
-               "final support (default 20)", minimum=0),
+        Option("refit_iterations", int, 20, "admm: conjugate-gradient steps of the refit on the final support "
+               "(default 20, also what --update admm does for other methods)", minimum=0),
         find(SparseGPT.options, "percdamp"),
     )
 
