@@ -16,7 +16,7 @@ from test_scale import FAST, ROOT, _calibration, _cli, _state
 import llmprune
 from llmprune.errors import UsageError
 from llmprune.methods.admm import admm_prune, refit_on_support
-from llmprune.methods.masks import NMPattern, check_nm
+from llmprune.methods.masks import BlockPattern, NMPattern, check_nm
 from llmprune.methods.sparsegpt import InputHessian, sparsegpt_prune
 from llmprune.methods.wanda import InputNorms, Wanda
 
@@ -76,7 +76,7 @@ def test_admm_zeroes_dead_inputs_and_is_deterministic():
     assert torch.equal(first, admm_prune([weight], stats.hessian(), 0.5, None)[0])
 
 
-@pytest.mark.parametrize("pattern", [None, P24])
+@pytest.mark.parametrize("pattern", [None, P24, BlockPattern(16)])
 def test_update_refits_a_wanda_mask_and_keeps_it(pattern):
     x = factor_inputs(1024, 128, seed=6, noise=0.1)
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(7))

@@ -28,8 +28,9 @@ The math, per group (rows of the stacked matrices are independent problems shari
 ``RefitOnMask`` wraps any method with it, or with SparseGPT's column-by-column update
 (``--update obs``), adding an ``InputHessian`` to the method's own statistics.
 
-Everything is float32 after the float64 Hessian is scaled, and every step is a fixed sequence of tensor operations: the same Hessian gives the same
-weights in every process with the same thread count.
+Everything is float32 after the float64 Hessian is scaled, and every step is a fixed sequence of
+tensor operations: the same Hessian gives the same weights in every process with the same thread
+count. ``--pattern block:B`` projects onto the B x B blocks of largest sum of squares.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING
 from ..errors import NumericalError
 from ..memory import release_free_heap
 from ..options import Option, find
-from .masks import NMPattern, smallest_n_of_m
+from .masks import BlockPattern, NMPattern, smallest_blocks, smallest_n_of_m
 from .sparsegpt import InputHessian, SparseGPT, sparsegpt_prune
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
@@ -83,12 +84,18 @@ def smallest_count(magnitude: torch.Tensor, count: int) -> torch.Tensor:
     return removed.view_as(magnitude)
 
 
-def removal_mask(values: torch.Tensor, bounds: list[int], sparsity: float, pattern: NMPattern | None) -> torch.Tensor:
+def removal_mask(values: torch.Tensor, bounds: list[int], sparsity: float,
+                 pattern: NMPattern | BlockPattern | None) -> torch.Tensor:
     """True where a weight goes: the smallest |values| of each stacked matrix (rows bounds[i] to
-    bounds[i+1]), or the n smallest of every m inputs of each row. values: [rows, in]."""
+    bounds[i+1]), or the n smallest of every m inputs of each row, or (block:B) the B x B blocks
+    of each stacked matrix with the smallest sum of squares (the nearest block-sparse matrix).
+    values: [rows, in]."""
     import torch
 
     magnitude = values.abs()
+    if isinstance(pattern, BlockPattern):
+        return torch.cat([smallest_blocks(values[lo:hi].pow(2), sparsity, pattern.size, per_row=False)
+                          for lo, hi in pairwise(bounds)])
     if pattern is not None:
         return smallest_n_of_m(magnitude, pattern)
     return torch.cat([smallest_count(magnitude[lo:hi], int(magnitude[lo:hi].numel() * sparsity))
