@@ -11,6 +11,8 @@ in a fresh process so memory is measured cleanly:
   model bytes.
 
 Usage: python eval/bench_unstructured.py [--rows wanda:unstructured,...] [--nsamples 64] [--update]
+A row is method:pattern, optionally followed by @option=value (sparsity, update, sequential, a
+method's own options), e.g. admm:unstructured@sparsity=0.7 or wanda:unstructured@update=admm.
 Writes eval/results/bench_unstructured.{json,md}.
 """
 
@@ -28,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 AUSTEN = ROOT.parent / "shared" / "data" / "austen"
 RESULTS = ROOT / "eval" / "results"
 ROWS = ["dense", "magnitude:unstructured", "wanda:unstructured", "sparsegpt:unstructured",
-        "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "magnitude:4:8", "wanda:4:8", "sparsegpt:4:8"]
+        "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "magnitude:4:8", "wanda:4:8", "sparsegpt:4:8",
+        "admm:unstructured", "admm:2:4", "sparsegpt:unstructured@sparsity=0.7", "admm:unstructured@sparsity=0.7",
+        "wanda:unstructured@update=admm", "wanda:2:4@update=admm"]
 
 
 def measure_row(row: str, nsamples: int, seqlen: int, eval_tokens: int, eval_seqlen: int) -> dict:
@@ -59,16 +63,19 @@ def measure_row(row: str, nsamples: int, seqlen: int, eval_tokens: int, eval_seq
     result = {"row": row, "threads": torch.get_num_threads(), "model_float32_bytes": model_bytes}
 
     if row != "dense":
-        method, pattern = row.split(":", 1)
+        row_name, *extras = row.split("@")  # e.g. admm:unstructured@sparsity=0.7, wanda:2:4@update=admm
+        method, pattern = row_name.split(":", 1)
+        options = {k: _value(v) for k, v in (extra.split("=", 1) for extra in extras)}
+        sparsity = options.pop("sparsity", 0.5 if pattern == "unstructured" else None)
         started = time.perf_counter()
         with torch.no_grad():
             for sample in calibration:
                 model(sample.unsqueeze(0), use_cache=False)
         forward = time.perf_counter() - started
         with PeakRSS() as memory:
-            report = llmprune.prune(model, calibration, method=method, pattern=pattern,
-                                    sparsity=0.5 if pattern == "unstructured" else None, progress=False)
-        result.update(method=method, pattern=pattern, realised_sparsity=report.overall_sparsity,
+            report = llmprune.prune(model, calibration, method=method, pattern=pattern, sparsity=sparsity,
+                                    progress=False, **options)
+        result.update(method=method, pattern=pattern, options=options, realised_sparsity=report.overall_sparsity,
                       prune_s=report.seconds, forward_s=forward, prune_over_forward=report.seconds / forward,
                       rss_loaded=rss_loaded, rss_peak_prune=memory.peak,
                       rss_growth_over_model=(memory.peak - rss_loaded) / model_bytes)
@@ -77,6 +84,18 @@ def measure_row(row: str, nsamples: int, seqlen: int, eval_tokens: int, eval_seq
     ppl = perplexity(model, evaluation, eval_seqlen, progress=False)
     result.update(perplexity=ppl.perplexity, protocol=ppl.protocol)
     return result
+
+
+def _value(text: str):
+    """A row option's value: true/false, a number, or the text."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def markdown(results: list[dict], settings: dict) -> str:
@@ -90,7 +109,10 @@ def markdown(results: list[dict], settings: dict) -> str:
         if r["method"] == "dense":
             lines.append(f"| dense | - | {r['perplexity']:.2f} | 0 | - | - | - |")
         else:
-            lines.append(f"| {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {r['realised_sparsity']:.4f} | "
+            extras = "".join(f", {k} {v}" for k, v in r.get("options", {}).items())
+            if r["threads"] != results[0]["threads"]:  # timings of this row are not comparable
+                extras += f" ({r['threads']} thread{'s' if r['threads'] > 1 else ''})"
+            lines.append(f"| {r['method']}{extras} | {r['pattern']} | {r['perplexity']:.2f} | {r['realised_sparsity']:.4f} | "
                          f"{r['prune_s']:.1f} | {r['prune_over_forward']:.2f}x | {r['rss_growth_over_model']:.2f}x |")
     return "\n".join(lines) + "\n"
 

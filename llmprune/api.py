@@ -20,6 +20,7 @@ from .calibrate import prune_layerwise
 from .checkpoint import LayerCheckpoint, run_fingerprint
 from .errors import UsageError
 from .methods import METHODS, NMPattern, make_method, method_options, parse_pattern
+from .methods.admm import UPDATES, with_update
 from .methods.masks import BlockPattern, check_sparsity
 from .models.adapters import adapter_for
 
@@ -138,6 +139,11 @@ def prune_checkpoint(folder: str | os.PathLike, model: nn.Module, calibration: t
 SCHEDULE_KEYWORDS = ("owl_m", "owl_lambda", "outlier_ratios")
 
 
+def refit_identity(update: str, sequential: bool) -> dict:
+    """What a resumed run must share about --update and --sequential (nothing at their defaults)."""
+    return {**({"update": update} if update != "none" else {}), **({"sequential": True} if sequential else {})}
+
+
 def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str = "wanda",
           sparsity: float | None = None, pattern: str | NMPattern | None = None, *,
           device: str | torch.device | None = None, batch_size: int = 1, progress: bool = True,
@@ -161,18 +167,26 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     the schedule's owl_m (default 5) and owl_lambda (default 0.08), and outlier_ratios already
     measured on this dense model (skip that pass); run_identity: more JSON-able facts that a run
     resumed from a checkpoint folder must share.
+
+    update ("none", "obs" or "admm"): after the method chose its masks, refit the weights on them
+    from the layer's XᵀX (llmprune.methods.admm.RefitOnMask), for any method, magnitude included;
+    its refit_iterations and percdamp are taken from the method's options of those names.
+    sequential (bool): prune q/k/v, then o, then gate/up, then down, each from the inputs that
+    went through the groups already pruned (llmprune.calibrate.prune_layerwise).
     """
     if not isinstance(method, str) or method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     schedule_options = {key: options.pop(key) for key in SCHEDULE_KEYWORDS if key in options}
     run_identity = options.pop("run_identity", None)
+    update, sequential = _refit_options(options)
     # An NMPattern built by hand is checked like the text it stands for.
     nm = parse_pattern(str(pattern) if isinstance(pattern, (NMPattern, BlockPattern)) else pattern)
     schedule, target = _schedule_and_target(schedule, sparsity, nm)
     adapter = adapter_for(model)
     check_pattern_fits(model, nm)
     _check_method_options(method, options)
-    pruner = make_method(method, **options)
+    pruner = with_update(make_method(method, **options), update,
+                         **{k: v for k, v in options.items() if k in ("refit_iterations", "percdamp")})
     if pruner.needs_calibration or calibration is not None:  # unused by magnitude, but reported
         check_calibration(model, calibration, f"method {method}")
     device = next(model.parameters()).device if device is None else check_device(device)
@@ -186,12 +200,24 @@ def prune(model: nn.Module, calibration: torch.Tensor | None = None, method: str
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = prune_checkpoint(checkpoint, model, calibration, method, target, nm, batch_size,
                                       {**(run_identity or {}), **({} if plan.name == "uniform" else
-                                                                   {"schedule": plan.as_dict()})}, **options)
+                                                                   {"schedule": plan.as_dict()}),
+                                       **refit_identity(update, sequential)}, **options)
     per_layer_target = plan.per_layer if plan.name != "uniform" else target
     record = prune_layerwise(model, adapter, pruner, per_layer_target, nm, calibration, torch.device(device),
-                             batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement)
+                             batch_size=batch_size, progress=progress, checkpoint=checkpoint, placement=placement,
+                             sequential=sequential)
     return _prune_report(method, nm, target, record, len(adapter.layers(model)), time.perf_counter() - started,
                          calibration, plan)
+
+
+def _refit_options(options: dict) -> tuple[str, bool]:
+    """Pop and check prune's update (default "none") and sequential (default False) from options."""
+    update, sequential = options.pop("update", "none"), options.pop("sequential", False)
+    if update not in UPDATES:
+        raise UsageError(f"--update must be one of {', '.join(UPDATES)}, got {update!r}")
+    if not isinstance(sequential, bool):
+        raise UsageError(f"--sequential must be true or false, got {sequential!r}")
+    return update, sequential
 
 
 def _schedule_and_target(schedule, sparsity, nm: NMPattern | None) -> tuple:

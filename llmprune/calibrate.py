@@ -270,13 +270,16 @@ def run_layerwise(model: nn.Module, adapter: DecoderAdapter, calibration_ids: to
                   device: torch.device, *, batch_size: int = 1, progress: bool = True, desc: str = "layers",
                   checkpoint: LayerCheckpoint | None = None, placement=None, **work) -> list[float]:
     """Visit every decoder layer, one at a time, where ``placement`` runs it; return seconds per layer.
-    work: the callbacks of ``LayerWork`` (collect, combine, apply, layer_state, restore_layer).
+    work: the fields of ``LayerWork`` (collect, combine, apply, layer_state, restore_layer, steps).
 
     collect(index, layer) -> hook handles that gather statistics while calibration batches run.
     combine(index, layer), after the statistics pass, merges statistics across processes.
     apply(index, layer) changes the layer (pruning). With ``apply``: a statistics pass, the hooks
     removed, apply, then a propagation pass so the next layer sees the changed outputs. Without:
     one pass that both feeds the hooks and propagates. No calibration_ids: no passes at all.
+    steps(layer) -> k: k rounds of statistics pass, combine and apply per layer before the one
+    propagation pass, collect/combine/apply called with the round as a third argument (true-
+    sequential pruning: each round sees the changes of the rounds before it).
 
     placement: ``enter(index, layer)`` before a layer's passes, ``writable(layer)`` a context in
     which its weights are real and changes persist, ``leave(index, layer)`` after. Default: move
@@ -315,6 +318,7 @@ class LayerWork:
     apply: Callable | None = None          # (index, layer): change the layer (prune it)
     layer_state: Callable | None = None    # (index, layer) -> {name: tensor} committed to a checkpoint
     restore_layer: Callable | None = None  # (index, layer, tensors): put a committed layer back
+    steps: Callable | None = None          # (layer) -> rounds of statistics/combine/apply per layer
 
 
 def _resume(layers, inputs, placement, work: LayerWork, checkpoint) -> int:
@@ -374,21 +378,24 @@ def _visit_layers(layers, inputs, placement, work: LayerWork, checkpoint, progre
 
 
 def _visit_layer(index: int, layer: nn.Module, count: int, inputs, placement, work: LayerWork, checkpoint) -> None:
-    """One layer: statistics pass, combine, apply, propagation pass, commit to the checkpoint."""
-    hooks = work.collect(index, layer) if (work.collect is not None and inputs is not None) else []
-    try:
-        if inputs is not None and (hooks or work.apply is None):
-            _feed(inputs, index, layer, propagate=work.apply is None)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if work.combine is not None and inputs is not None:
-        work.combine(index, layer)
-    if work.apply is not None:
-        with placement.writable(layer):
-            work.apply(index, layer)
-        if inputs is not None and index + 1 < count:
-            _feed(inputs, index, layer, propagate=True)
+    """One layer: statistics pass, combine, apply (once, or once per round of ``work.steps``),
+    then one propagation pass, and the commit to the checkpoint."""
+    rounds = [()] if work.steps is None else [(step,) for step in range(work.steps(layer))]
+    for step in rounds:  # the round, when there are rounds, is the callbacks' third argument
+        hooks = work.collect(index, layer, *step) if (work.collect is not None and inputs is not None) else []
+        try:
+            if inputs is not None and (hooks or work.apply is None):
+                _feed(inputs, index, layer, propagate=work.apply is None)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if work.combine is not None and inputs is not None:
+            work.combine(index, layer, *step)
+        if work.apply is not None:
+            with placement.writable(layer):
+                work.apply(index, layer, *step)
+    if work.apply is not None and inputs is not None and index + 1 < count:
+        _feed(inputs, index, layer, propagate=True)
     if checkpoint is not None:
         last = index + 1 == count
         with placement.writable(layer):
@@ -399,10 +406,13 @@ def _visit_layer(index: int, layer: nn.Module, count: int, inputs, placement, wo
 def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity: float | list[float],
                     pattern: NMPattern | None, calibration_ids: torch.Tensor | None,
                     device: torch.device, batch_size: int = 1, progress: bool = True,
-                    checkpoint: LayerCheckpoint | None = None, placement=None) -> PruneRecord:
+                    checkpoint: LayerCheckpoint | None = None, placement=None, sequential: bool = False) -> PruneRecord:
     """Prune every linear projection of every decoder layer in place; see the module docstring.
     With a checkpoint, each pruned layer's linear weights are committed after it is done.
-    sparsity: one fraction for every layer, or a list with one per decoder layer (a schedule)."""
+    sparsity: one fraction for every layer, or a list with one per decoder layer (a schedule).
+    sequential: the input groups of a layer (q/k/v, o, gate/up, down) are pruned one after the
+    other, each from statistics of inputs that already went through the pruned groups before it;
+    otherwise all groups' statistics come from one pass of the unpruned layer."""
     if method.needs_calibration and calibration_ids is None:
         raise ValueError(f"method {method.name} needs calibration token ids")
     record = PruneRecord()
@@ -410,8 +420,12 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
 
     group_of_processes = distributed.current()
 
-    def collect(index, layer):
+    def chosen(layer, step):  # the input groups a round prunes: all, or the step-th
         groups = adapter.linear_groups(layer)
+        return groups if step is None else [groups[step]]
+
+    def collect(index, layer, step=None):
+        groups = chosen(layer, step)
         where = execution_device(layer, device)  # statistics live where the layer computes
         statistics[:] = [distributed.accumulator(lambda n=group[0][1].in_features: method.new_statistics(n, where),
                                                  group_of_processes) for group in groups]
@@ -426,14 +440,15 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         return [group[0][1].register_forward_pre_hook(record(stats, last=i == len(groups) - 1))
                 for i, (group, stats) in enumerate(zip(groups, statistics))]
 
-    def combine(index, layer):  # sums over the processes' batches (a no-op for one process)
+    def combine(index, layer, step=None):  # sums over the processes' batches (a no-op for one process)
         statistics[:] = [distributed.combine(stats, group_of_processes) for stats in statistics]
 
-    def apply(index, layer):
+    def apply(index, layer, step=None):
         layer_sparsity = sparsity[index] if isinstance(sparsity, (list, tuple)) else sparsity
-        _prune_layer(adapter, method, statistics, layer_sparsity, pattern, index, layer, group_of_processes)
+        _prune_layer(chosen(layer, step), method, statistics, layer_sparsity, pattern, index, group_of_processes)
         statistics.clear()
-        note(index, layer)
+        if step is None or step + 1 == len(adapter.linear_groups(layer)):
+            note(index, layer)
 
     def note(index, layer):
         for group in adapter.linear_groups(layer):
@@ -455,15 +470,16 @@ def prune_layerwise(model: nn.Module, adapter: DecoderAdapter, method, sparsity:
         model, adapter, calibration_ids if method.needs_calibration else None, device,
         collect=collect if method.needs_calibration else None, apply=apply, batch_size=batch_size,
         progress=progress, desc=f"{method.name}: layers", checkpoint=checkpoint, layer_state=layer_state,
-        restore_layer=restore_layer, combine=combine if method.needs_calibration else None, placement=placement)
+        restore_layer=restore_layer, combine=combine if method.needs_calibration else None, placement=placement,
+        steps=(lambda layer: len(adapter.linear_groups(layer))) if sequential and method.needs_calibration else None)
     return record
 
 
-def _prune_layer(adapter, method, statistics: list, sparsity: float, pattern, index: int, layer: nn.Module,
+def _prune_layer(groups: list, method, statistics: list, sparsity: float, pattern, index: int,
                  group_of_processes) -> None:
-    """Prune every input group of one layer with its statistics (float32 [out_i, in] matrices in,
-    pruned matrices out), each group solved by one process and shared, written back in place."""
-    groups = adapter.linear_groups(layer)
+    """Prune the given input groups of one layer with their statistics (float32 [out_i, in]
+    matrices in, pruned matrices out), each group solved by one process and shared, written back
+    in place."""
     group_statistics = statistics or [None] * len(groups)
     names = [[f"model.layers.{index}.{name}" for name, _ in group] for group in groups]
 

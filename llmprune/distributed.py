@@ -19,6 +19,7 @@ MASTER_PORT / LOCAL_RANK; nothing here needs accelerate itself.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -99,9 +100,25 @@ class PerBatch:
         self.parts.append(part)
 
 
+class Joint:
+    """Several accumulators fed the same inputs (a method's own and a Hessian for a weight refit);
+    each part is combined across processes in its own way. ``None`` parts are skipped."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+
+    def add_batch(self, inputs) -> None:
+        for part in self.parts:
+            if part is not None:
+                part.add_batch(inputs)
+
+
 def accumulator(factory, group: Group | None):
     """A new accumulator from ``factory()``; in a process group, one that can be combined exactly."""
     first = factory()
+    if group is not None and isinstance(first, Joint):  # each part from a copy of its fresh self
+        return Joint([None if part is None else accumulator(lambda part=part: copy.deepcopy(part), group)
+                      for part in first.parts])
     if group is None or not _is_small(first):
         return first
     return PerBatch(factory)
@@ -119,6 +136,9 @@ def _add_into(total, part) -> None:
 def combine(statistic, group: Group | None):
     """The statistic over all processes' batches (every process gets the same result)."""
     if group is None:
+        return statistic
+    if isinstance(statistic, Joint):
+        statistic.parts = [None if part is None else combine(part, group) for part in statistic.parts]
         return statistic
     if isinstance(statistic, PerBatch):
         local = [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()}

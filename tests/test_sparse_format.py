@@ -184,7 +184,7 @@ def test_sparse_linear_matches_dense_and_chooser_keeps_dense_at_half():
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "admm"])
 def test_block_pattern_is_exact(method):
     from llmprune.methods.masks import block_sums, check_blocks
 

@@ -10,7 +10,6 @@ while masks are still chosen per matrix, so the result equals pruning each matri
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -54,71 +53,63 @@ class InputHessian:
 def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str = "",
                               max_retries: int = 4) -> torch.Tensor:
     """Dampen H by ``percdamp`` x mean(diag H), invert it, return the upper Cholesky factor of H⁻¹
-    as float32.
+    as float32. ``hessian`` (float64) is dampened in place.
 
-    The factorisations run in float64 and, on CPU, on one thread: LAPACK's blocked Cholesky splits
-    its sums by thread count, and the Hessians of real layers are ill-conditioned enough (~1e7-1e8)
-    that the resulting 1e-12 relative differences still change some float32 entries of the factor
-    (and then masks). One thread makes the factor the same in every process, whatever its thread
-    count; it costs a fraction of a second per [in, in] matrix at SmolLM2's sizes.
+    The factorisations run in float64 on the process's threads. LAPACK's blocked Cholesky splits
+    its sums by thread count, and real layers' Hessians are ill-conditioned enough (~1e7-1e8) that
+    the 1e-12 relative differences can change float32 entries of the factor: the result is the
+    same for the same Hessian and the same thread count (every process of a run, every rerun),
+    not across thread counts. Each float64 [in, in] temporary is freed as soon as it is used, and
+    freed heap goes back to the system afterwards.
     A failed factorisation is retried with ten times more dampening each time, then refused.
     """
-    with _one_thread(hessian.device):
-        return _upper_cholesky_of_inverse(hessian, percdamp, name, max_retries)
-
-
-@contextlib.contextmanager
-def _one_thread(device):
     import torch
 
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    if hessian.dtype != torch.float64:
+        hessian = hessian.double()
+    diagonal = torch.diagonal(hessian)
+    diagonal_mean = float(diagonal.mean())
+    damp, added = percdamp, 0.0
     try:
-        yield
+        for attempt in range(max_retries + 1):
+            diagonal.add_(damp * diagonal_mean - added)
+            added = damp * diagonal_mean
+            factor, info = torch.linalg.cholesky_ex(hessian)
+            if info == 0:
+                inverse = torch.cholesky_inverse(factor)
+                del factor
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
+                if info == 0 and torch.isfinite(upper).all():
+                    return upper.float()
+            if attempt < max_retries:
+                log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g",
+                            name, damp, damp * 10)
+                damp *= 10
+        raise NumericalError(f"{name}: Hessian is not positive definite even with dampening {damp:.3g}")
     finally:
-        torch.set_num_threads(threads)
-        release_free_heap()  # what the factorisation freed, in whichever thread's arena it was
-
-
-def _upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str, max_retries: int) -> torch.Tensor:
-    import torch
-
-    hessian = hessian.double()
-    diagonal_mean = torch.mean(torch.diag(hessian))
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    damp = percdamp
-    for attempt in range(max_retries + 1):
-        factor, info = torch.linalg.cholesky_ex(hessian + eye * (damp * diagonal_mean))
-        if info == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                return upper.float()
-        if attempt < max_retries:
-            log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g",
-                        name, damp, damp * 10)
-            damp *= 10
-    raise NumericalError(f"{name}: Hessian is not positive definite even with dampening {damp:.3g}")
+        release_free_heap()
 
 
 def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity: float,
                     pattern: NMPattern | None, blocksize: int = 128, percdamp: float = 0.01,
-                    name: str = "") -> list[torch.Tensor]:
+                    name: str = "", removed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Prune float32 matrices [out_i, in] that share the input Hessian [in, in] (float64 or
     float32); return new float32 ones.
 
     Unstructured: in each block of ``blocksize`` columns, the floor(rows_i * block * sparsity)
     weights of each matrix with the lowest w² / [H⁻¹]_jj² are removed. N:M: every m columns,
-    the n lowest of each row's group. block:B: the block width is a multiple of B, and in each block
-    the floor(blocks_i * sparsity) B x B blocks of each matrix with the lowest summed saliency. After each column the error is spread over the columns
-    not yet visited (the OBS update), then over later blocks in one matmul.
+    the n lowest of each row's group. block:B: the block width is a multiple of B, and in each
+    block the floor(blocks_i * sparsity) B x B blocks of each matrix with the lowest summed
+    saliency. After each column the error is spread over the columns not yet visited (the OBS
+    update), then over later blocks in one matmul. ``removed``: bool masks [out_i, in] chosen
+    elsewhere (True where a weight goes), used instead of choosing.
     """
     import torch
 
     if not torch.isfinite(hessian).all():
         raise NumericalError(f"{name}: non-finite values (NaN or inf) in the Hessian")
-    hessian = hessian.clone()
+    hessian = hessian.to(torch.float64, copy=True)
     W = torch.cat(weights, 0).float()  # [rows, in]: the stacked matrices
     rows, columns = W.shape
     blocks = pattern.size if isinstance(pattern, BlockPattern) else None
@@ -139,6 +130,7 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
     W[:, dead] = 0
     hinv = upper_cholesky_of_inverse(hessian, percdamp, name)  # [in, in], upper triangular
 
+    fixed = None if removed is None else torch.cat(removed, 0)  # [rows, in]
     mask = torch.zeros_like(W, dtype=torch.bool)
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
@@ -149,7 +141,9 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
         block_mask = torch.zeros_like(block, dtype=torch.bool)
         errors = torch.zeros_like(block)
 
-        if pattern is None:
+        if fixed is not None:
+            block_mask = fixed[:, start:end].clone()
+        elif pattern is None:
             saliency = block.pow(2) / block_diag.pow(2).unsqueeze(0)  # [rows, count]
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 if blocks is not None:  # whole B x B blocks of this matrix and column block
@@ -162,7 +156,7 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
                     block_mask[lo:hi].view(-1)[flat] = True
 
         for i in range(count):
-            if pattern is not None and i % pattern.m == 0:
+            if fixed is None and pattern is not None and i % pattern.m == 0:
                 saliency = block[:, i:i + pattern.m].pow(2) / block_diag[i:i + pattern.m].pow(2)
                 picked = torch.topk(saliency, pattern.n, dim=1, largest=False).indices
                 block_mask[:, i:i + pattern.m].scatter_(1, picked, True)

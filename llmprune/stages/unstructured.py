@@ -25,6 +25,11 @@ class Unstructured(Stage):
                "OWL paper) | a comma-separated list with one sparsity per decoder layer"),
         Option("owl_m", float, 5.0, "owl: outlier threshold M x mean score (default 5)"),
         Option("owl_lambda", float, 0.08, "owl: layer sparsities range over target +- lambda (default 0.08)"),
+        Option("update", str, "none", "refit the weights on the chosen masks, for any method: none (default) | obs "
+               "(SparseGPT's column-by-column update) | admm (least squares on the support, as ALPS)",
+               choices=("none", "obs", "admm")),
+        Option("sequential", bool, False, "prune q/k/v, then o, then gate/up, then down, each from inputs that "
+               "went through the pruned groups before it (true-sequential)"),
     )
 
     @classmethod
@@ -71,7 +76,13 @@ class Unstructured(Stage):
         return {o.name: self.values[o.name] for o in method_options(self.method)}
 
     def needs_data(self) -> bool:
-        return METHODS[self.method].needs_calibration or self.schedule == "owl"
+        return METHODS[self.method].needs_calibration or self.schedule == "owl" or self.values["update"] != "none"
+
+    def memory_method(self) -> str:
+        return "hessian" if self.values["update"] != "none" else self.method
+
+    def refit_values(self) -> dict:
+        return {"update": self.values["update"], "sequential": self.values["sequential"]}
 
     def check_model(self, model) -> None:
         from ..api import check_pattern_fits
@@ -86,10 +97,13 @@ class Unstructured(Stage):
 
     def identity(self) -> dict:
         """What a resumed run must share beyond the method, target and pattern."""
+        from ..api import refit_identity
+
+        refit = refit_identity(**self.refit_values())
         if self.schedule == "uniform":
-            return {}
-        return {"schedule": {"schedule": self.schedule, "owl_m": self.values["owl_m"],
-                             "owl_lambda": self.values["owl_lambda"]}}
+            return refit
+        return {**refit, "schedule": {"schedule": self.schedule, "owl_m": self.values["owl_m"],
+                                      "owl_lambda": self.values["owl_lambda"]}}
 
     def open_checkpoint(self, folder, run, identity: dict):
         from ..api import prune_checkpoint
@@ -105,7 +119,7 @@ class Unstructured(Stage):
                        sparsity=self.target, pattern=self.nm, device=run.compute, batch_size=run.batch_size,
                        progress=run.progress, checkpoint=checkpoint, schedule=self.schedule,
                        owl_m=self.values["owl_m"], owl_lambda=self.values["owl_lambda"],
-                       outlier_ratios=run.outlier_ratios, **self.method_values())
+                       outlier_ratios=run.outlier_ratios, **self.refit_values(), **self.method_values())
         return StageResult(report.as_dict(), time.perf_counter() - started,
                            storage="dense safetensors with zeros (no sparse format)")
 
@@ -118,13 +132,15 @@ class Unstructured(Stage):
                                device=run.compute, dtype=DTYPES[run.dtype], batch_size=run.batch_size,
                                progress=run.progress, activations_on_disk=run.activations_on_disk,
                                trust_remote_code=run.trust_remote_code, schedule=self.schedule,
-                               **self.method_values())
+                               **self.refit_values(), **self.method_values())
 
     def summary_rows(self, result: StageResult) -> list[tuple[str, str]]:
         report = result.report
         removed = f"{report['overall_sparsity']:.4f} of decoder linear weights"
         if report["schedule"]["name"] != "uniform":
             removed += " (per layer " + ", ".join(f"{x:.3f}" for x in report["per_layer_sparsity"]) + ")"
+        refit = "".join([f", update {self.values['update']}" if self.values["update"] != "none" else "",
+                         ", sequential" if self.values["sequential"] else ""])
         return [("method", f"{self.method} ({report['pattern']}, target {self.target:g}, schedule "
-                           f"{report['schedule']['name']})"), ("realised sparsity", removed)]
+                           f"{report['schedule']['name']}{refit})"), ("realised sparsity", removed)]
 
