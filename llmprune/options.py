@@ -89,6 +89,8 @@ class Option:
         if not (text_number or self.has_type(value)):
             raise UsageError(f"{self.flag} must be {self.describe()}, got {value!r}")
         if value is None:
+            if self.choices and self.default is not None:  # a word from a list: "not given" is not one
+                raise UsageError(f"{self.flag} must be {self.describe()}, got None")
             return value
         if self.type == "str_list" and isinstance(value, str):
             value = [value]
