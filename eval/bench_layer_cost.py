@@ -96,7 +96,8 @@ def markdown(rows: list[dict], settings: dict) -> str:
              f"threads; measured on {rows[0]['measured_tokens']} calibration tokens, extrapolated to "
              f"{settings['nsamples']} x {settings['seqlen']} tokens and {settings['layers']} layers "
              f"(see eval/bench_layer_cost.py). Repeats interleaved; ratios are to SparseGPT of the same repeat.",
-             "", "| method | repeat | solve (s) | statistics + propagation, measured (s) | per layer, extrapolated (s) | "
+             "",
+             "| method | repeat | solve (s) | statistics + propagation, measured (s) | per layer, extrapolated (s) | "
              "x SparseGPT | whole model (h) | peak RSS growth / layer fp32 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

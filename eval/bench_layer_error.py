@@ -6,36 +6,73 @@ are in bench_unstructured.
 
 Usage: python eval/bench_layer_error.py LAYER   (prints one line per group and sparsity)
 """
-import torch, time, sys
+import sys
 from pathlib import Path
+
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import llmprune.methods.admm as A
 from llmprune import data
-from llmprune.models.loading import builtin_model_folder
 from llmprune.methods.sparsegpt import InputHessian, sparsegpt_prune
 from llmprune.methods.wanda import InputNorms, Wanda
-import llmprune.methods.admm as A
-torch.set_num_threads(1)
-AUSTEN = Path("/work/shared/data/austen")
-folder = builtin_model_folder("llama")
-tok = AutoTokenizer.from_pretrained(folder)
-cal = data.calibration_ids(tok, [str(AUSTEN / "emma.txt.gz")], 8, 512, seed=0)
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-layer = model.model.layers[int(sys.argv[1])]
-xs = {}
-def hook(name):
-    def f(m, args): xs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]).detach())
-    return f
-hs = [layer.mlp.gate_proj.register_forward_pre_hook(hook("gate")), layer.mlp.down_proj.register_forward_pre_hook(hook("down")),
-      layer.self_attn.q_proj.register_forward_pre_hook(hook("q"))]
-with torch.no_grad():
-    for c in cal[:, :]: model(c.unsqueeze(0))
-for name, lin in [("q", [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]), ("gate", [layer.mlp.gate_proj, layer.mlp.up_proj]), ("down", [layer.mlp.down_proj])]:
-    x = torch.cat(xs[name]); h = InputHessian(x.shape[1], torch.device("cpu")); h.add_batch(x)
-    n = InputNorms(x.shape[1], torch.device("cpu")); n.add_batch(x)
-    ws = [l.weight.detach().float() for l in lin]; w = torch.cat(ws)
-    def err(out): o = torch.cat(out); return round(((x @ (o - w).t()).pow(2).sum() / (x @ w.t()).pow(2).sum()).item(), 5)
-    for sp, pat in [(0.5, None), (0.7, None), (0.5, A.NMPattern(2, 4))]:
-        s = sparsegpt_prune(ws, h.hessian(), sp, pat); a = A.admm_prune(ws, h.hessian(), sp, pat)
-        wa = Wanda().prune_group(ws, n, sp, pat); wr = A.refit_on_support(ws, wa, h.hessian())
-        wo = sparsegpt_prune(ws, h.hessian(), sp, pat, removed=[p == 0 for p in wa])
-        print(name, sp, pat, "sparsegpt", err(s), "admm", err(a), "wanda", err(wa), "wanda+obs", err(wo), "wanda+admm", err(wr), flush=True)
+from llmprune.models.loading import builtin_model_folder
+
+AUSTEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen"
+GROUPS = {"q": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "gate": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
+def group_inputs(model, layer, calibration) -> dict:
+    """{group: [tokens, in] inputs of the group's first linear layer} over the calibration windows."""
+    inputs = {name: [] for name in GROUPS}
+
+    def hook(name):
+        def record(module, args):
+            inputs[name].append(args[0].reshape(-1, args[0].shape[-1]).detach())
+        return record
+
+    handles = [layer.get_submodule(first).register_forward_pre_hook(hook(name))
+               for name, (first, *_) in GROUPS.items()]
+    with torch.no_grad():
+        for window in calibration:
+            model(window.unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(parts) for name, parts in inputs.items()}
+
+
+def relative_error(x: torch.Tensor, weight: torch.Tensor, pruned: list[torch.Tensor]) -> float:
+    """||X (W' - W)^T||^2 / ||X W^T||^2, rounded."""
+    change = (x @ (torch.cat(pruned) - weight).t()).pow(2).sum()
+    return round((change / (x @ weight.t()).pow(2).sum()).item(), 5)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    folder = builtin_model_folder("llama")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calibration = data.calibration_ids(tokenizer, [str(AUSTEN / "emma.txt.gz")], 8, 512, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    layer = model.model.layers[int(sys.argv[1])]
+    for name, x in group_inputs(model, layer, calibration).items():
+        hessian, norms = InputHessian(x.shape[1], torch.device("cpu")), InputNorms(x.shape[1], torch.device("cpu"))
+        hessian.add_batch(x)
+        norms.add_batch(x)
+        weights = [layer.get_submodule(n).weight.detach().float() for n in GROUPS[name]]
+        weight, h = torch.cat(weights), hessian.hessian()
+        for sparsity, pattern in [(0.5, None), (0.7, None), (0.5, A.NMPattern(2, 4))]:
+            wanda = Wanda().prune_group(weights, norms, sparsity, pattern)
+            results = {
+                "sparsegpt": sparsegpt_prune(weights, h, sparsity, pattern),
+                "admm": A.admm_prune(weights, h, sparsity, pattern),
+                "wanda": wanda,
+                "wanda+obs": sparsegpt_prune(weights, h, sparsity, pattern, removed=[w == 0 for w in wanda]),
+                "wanda+admm": A.refit_on_support(weights, wanda, h),
+            }
+            print(name, sparsity, pattern, *(f"{k} {relative_error(x, weight, v)}" for k, v in results.items()),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

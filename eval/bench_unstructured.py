@@ -112,8 +112,9 @@ def markdown(results: list[dict], settings: dict) -> str:
             extras = "".join(f", {k} {v}" for k, v in r.get("options", {}).items())
             if r["threads"] != results[0]["threads"]:  # timings of this row are not comparable
                 extras += f" ({r['threads']} thread{'s' if r['threads'] > 1 else ''})"
-            lines.append(f"| {r['method']}{extras} | {r['pattern']} | {r['perplexity']:.2f} | {r['realised_sparsity']:.4f} | "
-                         f"{r['prune_s']:.1f} | {r['prune_over_forward']:.2f}x | {r['rss_growth_over_model']:.2f}x |")
+            lines.append(f"| {r['method']}{extras} | {r['pattern']} | {r['perplexity']:.2f} | "
+                         f"{r['realised_sparsity']:.4f} | {r['prune_s']:.1f} | {r['prune_over_forward']:.2f}x | "
+                         f"{r['rss_growth_over_model']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -237,13 +237,13 @@ def spec_from_recipe(flags: dict, command: str):
         raise RecipeError(f"recipe {where}: model: missing (give it in the recipe or with --model)")
     for option in RUN_OPTIONS:
         if option.name in fields:
-            _guard(where, option.name, lambda: option.check(fields[option.name]))
+            _guard(where, option.name, lambda option=option: option.check(fields[option.name]))
     if "device" in fields:
         from .api import check_device
 
         _guard(where, "device", lambda: check_device(fields["device"]))
-    built = [_guard(where, f"stages[{i}]", lambda: stage_for(s["method"], {k: v for k, v in s.items()
-                                                                          if k != "method"}))
+    built = [_guard(where, f"stages[{i}]", lambda s=s: stage_for(s["method"], {k: v for k, v in s.items()
+                                                                              if k != "method"}))
              for i, s in enumerate(stages)]
     header = f"# recipe used by llmprune {__version__}: {where}"
     if overrides:

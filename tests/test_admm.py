@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
 from test_methods import correlated_inputs, factor_inputs
 from test_scale import FAST, ROOT, _calibration, _cli, _state
 
@@ -19,6 +18,8 @@ from llmprune.methods.admm import admm_prune, refit_on_support
 from llmprune.methods.masks import BlockPattern, NMPattern, check_nm
 from llmprune.methods.sparsegpt import InputHessian, sparsegpt_prune
 from llmprune.methods.wanda import InputNorms, Wanda
+
+from conftest import tiny_model
 
 CPU = torch.device("cpu")
 P24 = NMPattern(2, 4)
@@ -116,7 +117,8 @@ def test_sequential_differs_from_parallel_and_is_deterministic(method):
     assert all(torch.equal(first[k], second[k]) for k in first)
     q = "model.layers.0.self_attn.q_proj.weight"  # the first group reads the same inputs either way
     assert torch.equal(parallel[q], first[q])
-    assert not torch.equal(parallel["model.layers.0.mlp.down_proj.weight"], first["model.layers.0.mlp.down_proj.weight"])
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(parallel[down], first[down])
 
 
 def test_cli_flags_and_streaming_save_the_in_memory_result(tiny_folder, text_file, tmp_path):

@@ -224,6 +224,7 @@ def test_bad_scale_options_are_refused_before_work(tiny_folder, text_file, tmp_p
 def test_memory_estimate_parts_and_refusal(monkeypatch):
     from llmprune.errors import UsageError
     from llmprune.memory import estimate_peak, refuse_unless_fits
+
     from conftest import tiny_config
 
     config = tiny_config("llama", num_hidden_layers=24)

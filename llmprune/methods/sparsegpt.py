@@ -31,8 +31,8 @@ class InputHessian:
     batches is kept in float64, so that summing in another order (two processes each summing their
     share, then adding the two) moves the result by about 1e-16 relative, which vanishes when the
     solve rounds its float64 inverse factor to float32: the solve gets the same numbers whether
-    calibration ran in one process or several. A float32 running sum differs in its last bits, which flips masks at the top-k
-    boundary on real models and the difference then grows layer by layer.
+    calibration ran in one process or several. A float32 running sum differs in its last bits,
+    which flips masks at the top-k boundary on real models and the difference then grows layer by layer.
     """
 
     def __init__(self, in_features: int, device):
