@@ -4,8 +4,8 @@ Rows: the dense model, Wanda at 50 / 70 / 90% unstructured, 2:4, and block:32 at
 (calibrated on emma + mansfieldpark, 16 windows x 256 tokens, seed 0). For each row:
 
 - bytes on disk of the dense folder and of the sparse folder (float32, and bfloat16), as a ratio;
-- load time (``llmprune.models.loading.load_model``) of the sparse folder / the dense folder:
-  medians of interleaved pairs, because the machine is shared; and the same with one 64-token
+- load time (``llmprune.models.loading.load_model``, at torch's default thread count) of the sparse
+  folder / the dense folder: medians of interleaved pairs, because the machine is shared; and the same with one 64-token
   forward pass after loading (a dense folder is memory-mapped: its weights are read at first use);
 - perplexity on the first --eval-tokens tokens of persuasion (1024-token windows);
 - sparse CPU execution (``llmprune.sparse_execute``): the kernel chosen per decoder linear layer at
@@ -92,7 +92,7 @@ def first_forward(model) -> None:
         model(torch.arange(64).unsqueeze(0), use_cache=False)
 
 
-def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work: Path) -> dict:
+def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work: Path, load_threads: int) -> dict:
     import torch
 
     from llmprune import api
@@ -116,11 +116,14 @@ def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work
             result[f"{dtype}_dense_bytes"], result[f"{dtype}_sparse_bytes"] = folder_bytes(dense), folder_bytes(sparse)
             result[f"{dtype}_bytes_ratio"] = result[f"{dtype}_sparse_bytes"] / result[f"{dtype}_dense_bytes"]
             if dtype == "float32":
+                threads = torch.get_num_threads()
+                torch.set_num_threads(load_threads)
                 loads = interleaved({"dense": lambda dense=dense: load_model(str(dense)),
                                      "sparse": lambda sparse=sparse: load_model(str(sparse)),
                                      "dense_used": lambda dense=dense: first_forward(load_model(str(dense))[0]),
                                      "sparse_used": lambda sparse=sparse: first_forward(load_model(str(sparse))[0])},
                                     rounds=5)
+                torch.set_num_threads(threads)
                 result.update(load_dense_s=loads["dense"], load_sparse_s=loads["sparse"],
                               load_ratio=loads["sparse"] / loads["dense"],
                               load_and_forward_ratio=loads["sparse_used"] / loads["dense_used"])
@@ -165,10 +168,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the kernels and perplexity "
+                        "(default 1: the machine is shared)")
+    parser.add_argument("--load-threads", type=int, default=None, help="torch threads while loading (default: "
+                        "torch's own default, what a user's load gets; the sparse decoder uses as many)")
     args = parser.parse_args()
     import torch
 
+    load_threads = args.load_threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
 
     sys.path.insert(0, str(ROOT))
@@ -183,12 +190,13 @@ def main() -> None:
     header = {"command": "python eval/bench_sparse.py " + " ".join(sys.argv[1:]), "threads": torch.get_num_threads(),
               "setup": f"Wanda, calibration emma + mansfieldpark 16 x 256 tokens, seed 0; perplexity on the first "
                        f"{args.eval_tokens} tokens of persuasion, 1024-token windows; {torch.get_num_threads()} "
-                       f"threads; torch {torch.__version__}."}
+                       f"threads ({load_threads} while loading); torch {torch.__version__}.",
+              "load_threads": load_threads}
     results = []
     with tempfile.TemporaryDirectory() as work:
         for row in args.rows.split(","):
             started = time.perf_counter()
-            results.append(measure_row(row, folder, calibration, evaluation, tokenizer, Path(work)))
+            results.append(measure_row(row, folder, calibration, evaluation, tokenizer, Path(work), load_threads))
             results[-1]["seconds"] = time.perf_counter() - started
             print(json.dumps({k: v for k, v in results[-1].items() if k != "execution"}), flush=True)
             write_tables(results, header)

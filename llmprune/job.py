@@ -183,9 +183,9 @@ def prepare(spec: RunSpec) -> dict:
     data.check_sources(spec.calib_data)
     if spec.eval_sources is not None:
         data.check_sources(spec.eval_sources)
-    if spec.save_format == "sparse" and not any(s.kind == "unstructured" for s in spec.stages):
-        raise UsageError("--save-format sparse: this run leaves no zeros to gain from (only an unstructured "
-                         "stage does); save it dense")
+    if spec.save_format == "sparse" and not any(s.leaves_zeros() for s in spec.stages):
+        raise UsageError("--save-format sparse: this run leaves no zeros to gain from (an unstructured or N:M "
+                         "stage, or recovery of such a model, does); save it dense")
     if spec.private and not spec.push_to_hub:
         raise UsageError("--private applies to --push-to-hub, which was not given")
     if spec.push_to_hub:
@@ -463,8 +463,10 @@ def run_streamed(spec: RunSpec, prepared: dict, folder: Path, estimate, started:
             pruned, config = stage.stream(source, tmp, loaded.calibration, loaded)
         from .stages import StageResult
 
-        result = StageResult(pruned.as_dict(), pruned.seconds, storage="dense safetensors with zeros (no sparse "
-                             "format), sharded with an index")
+        storage = ("sparse safetensors: pruned linear weights as non-zero values plus a bitmask, sharded with an "
+                   "index") if spec.save_format == "sparse" else ("dense safetensors with zeros (no sparse format), "
+                                                                  "sharded with an index")
+        result = StageResult(pruned.as_dict(), pruned.seconds, storage=storage)
         memory = {"rss_before_prune_bytes": rss.start, "rss_peak_prune_bytes": rss.peak,
                   "rss_growth_prune_bytes": rss.growth}
         report = reports.build(spec, loaded, [result], {"dense": {}, "after": {}}, memory, estimate)

@@ -504,6 +504,17 @@ def _make_ordinary(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+# The card's sentence on how unstructured / N:M weights are stored (``convert`` swaps them).
+CARD_STORAGE = {
+    "dense": ("Unstructured and N:M sparsity is stored dense, with zeros in the removed positions: no sparse "
+              "checkpoint format is written, so the files are as large as the base model's and the speed on "
+              "ordinary kernels is unchanged."),
+    "sparse": ("Each pruned linear weight is stored as its non-zero values plus a bitmask (llmprune's sparse "
+               "format): load it with `trust_remote_code=True` or `llmprune.load_sparse`, which give the dense "
+               "model; the speed on ordinary kernels is unchanged."),
+}
+
+
 def model_card(base_model: str, report: dict) -> str:
     """README.md with YAML front matter for the Hub, and the measured numbers with the protocol."""
     import yaml
@@ -532,13 +543,7 @@ def model_card(base_model: str, report: dict) -> str:
             summary["realised_per_layer_sparsity"] = [round(x, 4) for x in report["prune"]["per_layer_sparsity"]]
         title = (f"{report['prune']['pattern']}, {report['prune']['overall_sparsity']:.1%} "
                  "of decoder linear weights removed")
-        storage = ("Unstructured and N:M sparsity is stored dense, with zeros in the removed positions: no "
-                   "sparse checkpoint format is written, so the files are as large as the base model's and "
-                   "the speed on ordinary kernels is unchanged.")
-        if report.get("save_format") == "sparse":
-            storage = ("Each pruned linear weight is stored as its non-zero values plus a bitmask (llmprune's "
-                       "sparse format): load it with `trust_remote_code=True` or `llmprune.load_sparse`, which "
-                       "give the dense model; the speed on ordinary kernels is unchanged.")
+        storage = CARD_STORAGE[report.get("save_format", "dense")]
     if ppl:
         summary["perplexity"] = {k: round(v["perplexity"], 4) for k, v in ppl.items()}
     license_id, origin = _base_model_facts(report.get("model"))

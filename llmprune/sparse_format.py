@@ -230,4 +230,23 @@ def convert(source, to: str, output, overwrite: bool = False) -> Path:
             sparsify_folder(tmp, names) if to == "sparse" else densify_folder(tmp)
         except fmt.SparseFormatError as error:
             raise UsageError(f"cannot convert {os.fspath(source)!r}: {error}") from None
+        _record_storage(tmp, "dense" if to == "sparse" else "sparse", to)
     return target
+
+
+def _record_storage(folder: Path, old: str, new: str) -> None:
+    """An llmprune output's report and model card, told that its weights are now stored ``new``."""
+    from .jsonreport import report_json
+    from .save import CARD_STORAGE
+
+    report_path, card_path = folder / "llmprune.json", folder / "README.md"
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = None
+    if isinstance(report, dict):
+        report["save_format"] = new
+        report_path.write_text(report_json(report, indent=2, default=str) + "\n", encoding="utf-8")
+    if card_path.is_file():
+        card = card_path.read_text(encoding="utf-8")
+        card_path.write_text(card.replace(CARD_STORAGE[old], CARD_STORAGE[new]), encoding="utf-8")

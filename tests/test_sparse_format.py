@@ -111,13 +111,24 @@ def test_corruption_is_refused_naming_the_tensor(what, tmp_path, tiny_folder, ca
     assert err.startswith("error: ") and name in err and "\n" not in err
 
 
-def test_convert_both_ways_and_refusals(tmp_path, tiny_folder, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_convert_both_ways_and_refusals(tmp_path, tiny_folder, text_file, capsys):
+    from transformers import AutoModelForCausalLM
 
-    dense, _ = save_pair(pruned(), tmp_path, AutoTokenizer.from_pretrained(tiny_folder))
+    from llmprune.save import CARD_STORAGE
+
+    dense = tmp_path / "dense"  # an llmprune output: its card and report say how it is stored
+    assert main(["--model", str(tiny_folder), "--method", "magnitude", "--eval-data", "none", "--no-speed",
+                 "--no-progress", "--output", str(dense)]) == 0
+    assert CARD_STORAGE["dense"] in (dense / "README.md").read_text()
     assert main(["convert", str(dense), "--to", "sparse", "--output", str(tmp_path / "s")]) == 0
+    card = (tmp_path / "s" / "README.md").read_text()
+    assert CARD_STORAGE["sparse"] in card and CARD_STORAGE["dense"] not in card
+    assert json.loads((tmp_path / "s" / "llmprune.json").read_text())["save_format"] == "sparse"
     assert main(["convert", str(tmp_path / "s"), "--to", "dense", "--output", str(tmp_path / "d")]) == 0
     assert {p.name for p in (tmp_path / "d").iterdir()} == {p.name for p in dense.iterdir()}
+    assert (tmp_path / "d" / "README.md").read_bytes() == (dense / "README.md").read_bytes()
+    reports = [json.loads((folder / "llmprune.json").read_text()) for folder in (dense, tmp_path / "d")]
+    assert reports[0] == reports[1]
     assert json.loads((tmp_path / "d" / "config.json").read_text()) == json.loads((dense / "config.json").read_text())
     same_bits(AutoModelForCausalLM.from_pretrained(dense), AutoModelForCausalLM.from_pretrained(tmp_path / "d"))
     same_bits(AutoModelForCausalLM.from_pretrained(dense), llmprune.load_sparse(tmp_path / "s"))
@@ -247,3 +258,75 @@ def test_eval_execute_2of4_refused_on_cpu(tiny_folder, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("error: --execute 2:4 needs the model on an NVIDIA GPU (semi-structured sparse kernels are CUDA "
                    "only); it is on cpu")
+
+
+FAST_RUN = ["--nsamples", "4", "--seqlen", "32", "--no-progress", "--eval-data", "none"]
+
+
+def _prune_cli(folder, text_file, output, *extra):
+    return main(["--model", str(folder), "--calib-data", str(text_file), "--output", str(output), *FAST_RUN, *extra])
+
+
+@pytest.mark.slow
+def test_streamed_sparse_output_equals_the_in_memory_one(tiny_folder, text_file, tmp_path):
+    from llmprune.models.modeling_llmprune_sparse import read_state_dict
+
+    assert _prune_cli(tiny_folder, text_file, tmp_path / "memory", "--method", "sparsegpt", "--save-format",
+                      "sparse") == 0
+    assert _prune_cli(tiny_folder, text_file, tmp_path / "stream", "--method", "sparsegpt", "--save-format", "sparse",
+                      "--stream") == 0
+    files = {p.name for p in (tmp_path / "stream").iterdir()}
+    assert "model.sparse.safetensors.index.json" in files and "model.safetensors.index.json" not in files
+    assert all(name.endswith(".sparse.safetensors") for name in files if name.endswith(".safetensors"))
+    memory, stream = read_state_dict(tmp_path / "memory"), read_state_dict(tmp_path / "stream")
+    assert memory.keys() == stream.keys() and all(torch.equal(memory[k], stream[k]) for k in memory)
+    report = json.loads((tmp_path / "stream" / "llmprune.json").read_text())
+    assert report["save_format"] == "sparse" and report["storage"].startswith("sparse safetensors")
+
+
+def test_recover_keeps_a_sparse_student_sparse_and_refuses_a_structured_one(tiny_folder, text_file, tmp_path,
+                                                                           capsys):
+    recover = ["--teacher", str(tiny_folder), "--data", str(text_file), "--tokens", "64", "--seqlen", "32",
+               "--batch", "2", "--curve-tokens", "64", "--eval-data", str(text_file), "--eval-seqlen", "32",
+               "--no-progress", "--save-format", "sparse"]
+    assert _prune_cli(tiny_folder, text_file, tmp_path / "w", "--method", "wanda", "--save-format", "sparse") == 0
+    assert main(["recover", str(tmp_path / "w"), "--output", str(tmp_path / "r"), *recover]) == 0
+    student, recovered = llmprune.load_sparse(tmp_path / "w"), llmprune.load_sparse(tmp_path / "r")
+    for (name, before), (_, after) in zip(student.model.layers.named_parameters(),
+                                          recovered.model.layers.named_parameters()):
+        if before.dim() == 2:
+            assert torch.equal(before == 0, after == 0), name
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, recovered.model.layers[0].mlp.up_proj.weight)
+    capsys.readouterr()
+    assert _prune_cli(tiny_folder, text_file, tmp_path / "s", "--method", "structured", "--heads", "0.5") == 0
+    assert main(["recover", str(tmp_path / "s"), "--output", str(tmp_path / "rs"), *recover]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no zeros to gain from" in err and "\n" not in err and not (tmp_path / "rs").exists()
+
+
+def test_sweep_and_hub_upload_take_sparse_folders(tiny_folder, text_file, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from fake_hub import FakeHub
+
+    token = "hf_" + "Sp4" * 10
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with FakeHub(token) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", token)
+        assert _prune_cli(tiny_folder, text_file, tmp_path / "w", "--method", "magnitude", "--save-format", "sparse",
+                          "--push-to-hub", "me/tiny-sparse") == 0
+    uploaded = hub.repos["me/tiny-sparse"]["files"]
+    assert uploaded == {p.name: p.read_bytes() for p in (tmp_path / "w").iterdir() if p.is_file()}
+    assert {"model.sparse.safetensors", "modeling_llmprune_sparse.py"} <= set(uploaded)
+    assert "trust_remote_code=True" in uploaded["README.md"].decode()
+    # a sparse folder as the input of a sweep: its dense model, pruned further
+    assert main(["sweep", "--model", str(tmp_path / "w"), "--methods", "magnitude", "--sparsities", "0.5,0.7",
+                 "--calib-data", str(text_file), "--eval-data", str(text_file), "--nsamples", "2", "--seqlen", "32",
+                 "--eval-seqlen", "32", "--eval-tokens", "128", "--output", str(tmp_path / "sweep"),
+                 "--no-progress"]) == 0
+    runs = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
+    assert [round(r["realised_sparsity"], 1) for r in runs] == [0.5, 0.7]

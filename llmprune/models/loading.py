@@ -109,7 +109,7 @@ def checked_source(name: str) -> str:
         is_folder = Path(source).expanduser().is_dir()
     except (OSError, RuntimeError):
         is_folder = False
-    if is_folder:
+    if is_folder and not _is_sparse(source):  # llmprune's sparse format checks its own files as it decodes
         check_model_folder(source)
     return source
 

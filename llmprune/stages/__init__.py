@@ -76,6 +76,10 @@ class Stage:
     def needs_data(self) -> bool:
         return True
 
+    def leaves_zeros(self) -> bool:
+        """Whether the model this stage hands on has zeros worth a sparse checkpoint."""
+        return False
+
     def estimate_memory(self, spec, prepared: dict, estimate):
         """A stage with a peak of its own (training) estimates it before loading, refuses what does
         not fit (unless --force) and returns the larger estimate; others return ``estimate``."""

@@ -113,6 +113,16 @@ class Recover(Stage):
                                  f"teacher {teacher_layers}, and no record of which were removed; use "
                                  "--recover-hidden 0")
 
+    def leaves_zeros(self) -> bool:
+        """A student folder stored sparse, or pruned unstructured or N:M, keeps its zeros (a run's own
+        pruning stages answer for a student pruned in the same run)."""
+        if self.student_source is None:
+            return False
+        from ..sparse_format import is_sparse_folder
+
+        stages = (_folder_report(self.student_source) or {}).get("stages", [])
+        return is_sparse_folder(self.student_source) or any(s.get("kind") == "unstructured" for s in stages)
+
     def _removed_from_folder(self) -> list | None:
         """The removed layer indices the student's llmprune.json records, if any."""
         if self.student_source is None:
@@ -295,7 +305,7 @@ def recovery_card(base_model: str, report: dict) -> str:
 # --- python -m llmprune recover FOLDER ... --------------------------------------------------------------
 
 RUN_FLAGS = ("eval_data", "eval_seqlen", "eval_tokens", "output", "overwrite", "device", "dtype", "no_cache",
-             "checkpoint_dir", "force", "trust_remote_code", "no_progress", "push_to_hub", "private")
+             "checkpoint_dir", "force", "trust_remote_code", "no_progress", "push_to_hub", "private", "save_format")
 
 
 def _subcommand_options() -> list:

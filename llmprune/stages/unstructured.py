@@ -36,6 +36,9 @@ class Unstructured(Stage):
     def methods(cls) -> tuple:
         return tuple(METHODS)
 
+    def leaves_zeros(self) -> bool:
+        return True
+
     @classmethod
     def all_options(cls) -> tuple:
         seen, extra = {o.name for o in cls.options}, []
