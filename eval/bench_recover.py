@@ -10,9 +10,9 @@ first --eval-tokens tokens of persuasion in 1024-token windows (the curve: its f
 after (and whether every zero is at the same position), training tokens, wall time, tokens/s.
 
 Rows run one after another in one process (--rows picks some); each row's result is written to
-eval/results/bench_recover_rows/<row>.json as soon as it is done, so several processes can share
-the rows. ``--collect`` writes eval/results/bench_recover.{json,md} and the FLAP 20% curve
-(bench_recover.png) from the rows present.
+eval/results/bench_recover_rows/<row>@<tokens>.json as soon as it is done, so several processes can
+share the rows, and one row at several token counts keeps each. ``--collect`` writes
+eval/results/bench_recover.{json,md} and the FLAP 20% curves (bench_recover.png) from the rows present.
 
 Usage: python eval/bench_recover.py --rows flap20-lora,wanda50-lora [--tokens 100000] [--threads 2]
        python eval/bench_recover.py --collect
@@ -104,7 +104,7 @@ def run_row(key: str, args, shared: dict) -> dict:
 def collect() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(ROWS_DIR.glob("*.json"))]
     order = list(ROWS)
-    rows.sort(key=lambda r: order.index(r["row"]))
+    rows.sort(key=lambda r: (order.index(r["row"]), r["tokens"]))
     (RESULTS / "bench_recover.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["# Recovery by distillation: SmolLM2-135M on Jane Austen (CPU)", "",
              "Written by `eval/bench_recover.py`. Teacher: the dense model. Training text: the Austen novels other "
@@ -124,8 +124,8 @@ def collect() -> None:
                   f"{r['curve_tokens']:,}. Settings of each row are in bench_recover.json. "
                   "Realised sparsity: exact zeros "
                   "among the decoder linear weights (a structured student keeps the de-quantised model's own "
-                  "zeros). Measured with one thread per process, two processes side by side on a shared 2-core "
-                  "machine (load 8-15): tokens/s are what that machine gave, not what SmolLM2 needs."]
+                  "zeros). Measured with the threads of the last column per process, two processes side by side "
+                  "on a shared 2-core machine: tokens/s are what that machine gave, not what SmolLM2 needs."]
     (RESULTS / "bench_recover.md").write_text("\n".join(lines) + "\n")
     flap = [r for r in rows if r["row"].startswith("flap20")]
     if flap:
@@ -137,7 +137,7 @@ def collect() -> None:
         figure, axes = plt.subplots(figsize=(6, 4))
         for r in flap:
             axes.plot([p["tokens"] for p in r["curve"]], [p["perplexity"] for p in r["curve"]], marker="o",
-                      label=f"FLAP 20%, {r['mode']}")
+                      label=f"FLAP 20%, {r['mode']}, {r['tokens']:,} tokens")
         axes.axhline(flap[0]["teacher_curve_perplexity"], color="grey", linestyle="--", label="dense")
         axes.set_xlabel("training tokens")
         axes.set_ylabel(f"perplexity (persuasion, first {flap[0]['curve_tokens']:,} tokens)")
@@ -186,7 +186,7 @@ def main() -> None:
     ROWS_DIR.mkdir(parents=True, exist_ok=True)
     for key in args.rows.split(","):
         row = run_row(key, args, shared)
-        (ROWS_DIR / f"{key}.json").write_text(json.dumps(row, indent=2) + "\n")
+        (ROWS_DIR / f"{key}@{args.tokens}.json").write_text(json.dumps(row, indent=2) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "settings")}), flush=True)
 
 
