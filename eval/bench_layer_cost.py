@@ -14,7 +14,15 @@ alike; ratios to SparseGPT are reported per repeat. ``--scale`` shrinks hidden, 
 (e.g. 0.25 for a quick run); the solve grows with width³ (factorisations) or rows x width² per
 iteration (ADMM), so a scaled run does not predict the full size: say which was measured.
 
-Usage: python eval/bench_layer_cost.py [--scale 1] [--measure-tokens 4096] [--repeats 2]
+``--admm-points A,R``: ADMM's solve at a large shape takes far longer than the others (each
+iteration multiplies the [rows, in] weights by [in, in] matrices), so it is measured three times
+with few iterations, (A ADMM iterations, no refit), (2A, none) and (A, R refit steps), and the solve
+(A a multiple of 3: the penalty, and with it the inverse, changes every third iteration)
+at the defaults (30 ADMM iterations, 20 refit steps) is extrapolated linearly: solve = fixed
+(scaling, eigendecomposition) + ADMM iterations x their cost + refit steps x theirs. ADMM stops
+early once its support settles, so this is an upper bound.
+
+Usage: python eval/bench_layer_cost.py [--scale 1] [--measure-tokens 4096] [--repeats 2] [--admm-points 3,3]
 Writes eval/results/bench_layer_cost[-scaleS].{json,md}.
 """
 
@@ -83,6 +91,26 @@ def measure(method: str, hidden: int, ffn: int, heads: int, tokens: int, seqlen:
             "layer_float32_bytes": sum(p.numel() for p in layer.parameters()) * 4}
 
 
+def admm_from_points(hidden: int, ffn: int, heads: int, tokens: int, seqlen: int, points: tuple[int, int],
+                     defaults: tuple[int, int] = (30, 20)) -> dict:
+    """ADMM measured at (A, 0), (2A, 0) and (A, R) iterations; its solve extrapolated to ``defaults``."""
+    a, r = points
+    measure("admm", 64, 128, 1, seqlen, seqlen, {"admm_iterations": 1, "refit_iterations": 1})  # first-call costs
+    runs = [measure("admm", hidden, ffn, heads, tokens, seqlen, {"admm_iterations": i, "refit_iterations": j})
+            for i, j in ((a, 0), (2 * a, 0), (a, r))]
+    per_admm = (runs[1]["solve_s"] - runs[0]["solve_s"]) / a
+    per_refit = (runs[2]["solve_s"] - runs[0]["solve_s"]) / r
+    fixed = runs[0]["solve_s"] - a * per_admm
+    row = dict(runs[2])
+    row.update(solve_s=fixed + defaults[0] * per_admm + defaults[1] * per_refit,
+               peak_rss_growth_bytes=max(run["peak_rss_growth_bytes"] for run in runs),
+               admm_points={"measured_solve_s": [run["solve_s"] for run in runs],
+                            "iterations": [(a, 0), (2 * a, 0), (a, r)], "fixed_s": fixed,
+                            "per_admm_iteration_s": per_admm, "per_refit_step_s": per_refit})
+    row["prune_s"] = runs[2]["prune_s"] - runs[2]["solve_s"] + row["solve_s"]
+    return row
+
+
 def extrapolate(row: dict, tokens: int, layers: int) -> dict:
     scale = tokens / row["measured_tokens"]
     per_layer = (row["prune_s"] - row["solve_s"] + row["forward_s"]) * scale + row["solve_s"]
@@ -106,6 +134,15 @@ def markdown(rows: list[dict], settings: dict) -> str:
                      f"{r['prune_s'] - r['solve_s'] + r['forward_s']:.1f} | {r['per_layer_s']:.0f} | "
                      f"{r['per_layer_s'] / reference['per_layer_s']:.2f}x | {r['model_s'] / 3600:.2f} | "
                      f"{r['peak_rss_growth_bytes'] / r['layer_float32_bytes']:.2f}x |")
+    for r in rows:
+        if "admm_points" in r:
+            p = r["admm_points"]
+            lines.append("")
+            lines.append(f"ADMM (repeat {r['repeat']}): solve measured at (ADMM iterations, refit steps) = "
+                         f"{', '.join(str(tuple(i)) for i in p['iterations'])}: "
+                         f"{', '.join(f'{x:.1f}' for x in p['measured_solve_s'])} s; extrapolated to (30, 20) as "
+                         f"{p['fixed_s']:.1f} s + 30 x {p['per_admm_iteration_s']:.1f} s + 20 x "
+                         f"{p['per_refit_step_s']:.1f} s (an upper bound: ADMM stops once its support settles).")
     return "\n".join(lines) + "\n"
 
 
@@ -121,6 +158,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default="wanda,sparsegpt,admm")
     parser.add_argument("--admm-iterations", type=int, default=None)
+    parser.add_argument("--admm-points", default=None, metavar="A,R",
+                        help="extrapolate ADMM's solve from runs of (A, 0), (2A, 0), (A, R) iterations")
     args = parser.parse_args()
     hidden, ffn = int(4096 * args.scale) // 64 * 64, int(11008 * args.scale) // 64 * 64
     heads = max(1, hidden // 128)
@@ -130,7 +169,11 @@ def main() -> None:
     rows = []
     for repeat in range(args.repeats):
         for method in args.methods.split(","):
-            row = measure(method, hidden, ffn, heads, args.measure_tokens, args.seqlen, options.get(method, {}))
+            if method == "admm" and args.admm_points:
+                points = tuple(int(x) for x in args.admm_points.split(","))
+                row = admm_from_points(hidden, ffn, heads, args.measure_tokens, args.seqlen, points)
+            else:
+                row = measure(method, hidden, ffn, heads, args.measure_tokens, args.seqlen, options.get(method, {}))
             row = extrapolate({**row, "repeat": repeat, "hidden": hidden}, args.nsamples * args.seqlen, args.layers)
             rows.append(row)
             print(json.dumps(row), flush=True)
