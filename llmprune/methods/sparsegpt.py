@@ -144,16 +144,7 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
         if fixed is not None:
             block_mask = fixed[:, start:end].clone()
         elif pattern is None:
-            saliency = block.pow(2) / block_diag.pow(2).unsqueeze(0)  # [rows, count]
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                if blocks is not None:  # whole B x B blocks of this matrix and column block
-                    chosen = smallest_in_matrix(block_sums(saliency[lo:hi], blocks), sparsity)
-                    block_mask[lo:hi] = expand_blocks(chosen, blocks)
-                    continue
-                k = int((hi - lo) * count * sparsity)
-                if k:
-                    flat = torch.topk(saliency[lo:hi].flatten(), k, largest=False).indices
-                    block_mask[lo:hi].view(-1)[flat] = True
+            _choose_in_block(block, block_diag, block_mask, bounds, sparsity, blocks)
 
         for i in range(count):
             if fixed is None and pattern is not None and i % pattern.m == 0:
@@ -173,6 +164,26 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
 
     W.masked_fill_(mask, 0)  # exact zeros where removed
     return [W[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _choose_in_block(block: torch.Tensor, block_diag: torch.Tensor, block_mask: torch.Tensor, bounds: list[int],
+                     sparsity: float, blocks: int | None) -> None:
+    """Mark in ``block_mask`` [rows, count] the weights of one column block to remove: per matrix
+    (rows bounds[i]:bounds[i+1]), the floor(rows_i * count * sparsity) lowest w² / [H⁻¹]_jj², or
+    with ``blocks`` the lowest-summed B x B blocks."""
+    import torch
+
+    count = block.shape[1]
+    saliency = block.pow(2) / block_diag.pow(2).unsqueeze(0)  # [rows, count]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if blocks is not None:  # whole B x B blocks of this matrix and column block
+            chosen = smallest_in_matrix(block_sums(saliency[lo:hi], blocks), sparsity)
+            block_mask[lo:hi] = expand_blocks(chosen, blocks)
+            continue
+        k = int((hi - lo) * count * sparsity)
+        if k:
+            flat = torch.topk(saliency[lo:hi].flatten(), k, largest=False).indices
+            block_mask[lo:hi].view(-1)[flat] = True
 
 
 class SparseGPT:
