@@ -414,9 +414,13 @@ def train(work: Work, settings: Settings) -> tuple[nn.Module, dict]:
         restore_training_state(accelerator.unwrap_model(model), optimizer, saved["tensors"], saved["meta"])
         state.update(saved["meta"]["state"])
     main = accelerator.is_main_process
+    # The curve is measured by the main process alone, on the model without its DDP wrapper: the
+    # wrapper's forward broadcasts buffers to the other processes, which are not in a forward then
+    # (a broadcast they never join hangs the run, or pairs with another collective of theirs).
+    plain = accelerator.unwrap_model(model)
     if main and work.evaluation is not None and saved is None:
         state["teacher_perplexity"] = _held_out(teacher, work)
-        state["curve"].append(_point(model, work, 0, 0, None))
+        state["curve"].append(_point(plain, work, 0, 0, None))
     every = settings.curve_every or max(1, steps // 10)
     from tqdm.auto import tqdm
 
@@ -437,7 +441,7 @@ def train(work: Work, settings: Settings) -> tuple[nn.Module, dict]:
         state["step"], state["seconds"] = step + 1, time.perf_counter() - started
         done = state["step"] == steps
         if main and work.evaluation is not None and (state["step"] % every == 0 or done):
-            state["curve"].append(_point(model, work, state["step"], state["step"] * tokens_per_step, state["losses"]))
+            state["curve"].append(_point(plain, work, state["step"], state["step"] * tokens_per_step, state["losses"]))
             state["losses"] = []
         bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{state['step'] * tokens_per_step / state['seconds']:.0f}")
         bar.update(1)
@@ -462,16 +466,26 @@ def train(work: Work, settings: Settings) -> tuple[nn.Module, dict]:
     return merged, report
 
 
+def window_rows(step: int, micro: int, rank: int, world: int, settings: Settings) -> slice:
+    """The rows of the windows one process reads in one micro-batch. Step s reads the G = batch x
+    accumulation x world windows s*G .. (s+1)*G-1; micro-batch m of that step is the run of
+    batch x world windows from (s*accumulation + m) * batch * world, of which rank r takes the r-th
+    ``batch``. So the processes read disjoint windows, and together, in every micro-batch, exactly
+    the windows one process with ``batch x world`` windows per micro-batch would read."""
+    first = ((step * settings.accumulation + micro) * world + rank) * settings.batch
+    return slice(first, first + settings.batch)
+
+
 def _accumulate(model, teacher, work: Work, settings: Settings, accelerator, step: int, rank: int, world: int) -> dict:
     """Forward and backward of one optimiser step's micro-batches (this process's share); the
-    mean of their loss parts."""
+    mean of their loss parts over every process's windows (the processes' means averaged: their
+    shares are equal)."""
     from contextlib import nullcontext
 
     totals: dict = {}
     hidden = settings.hidden > 0
     for micro in range(settings.accumulation):
-        first = (step * settings.accumulation * world + micro * world + rank) * settings.batch
-        ids = work.windows[first:first + settings.batch]
+        ids = work.windows[window_rows(step, micro, rank, world, settings)]
         if work.bos is not None:  # as the perplexity protocol: BOS before every window
             ids = torch.cat([torch.full((ids.shape[0], 1), work.bos, dtype=ids.dtype), ids], dim=1)
         ids = ids.to(accelerator.device)
@@ -485,6 +499,11 @@ def _accumulate(model, teacher, work: Work, settings: Settings, accelerator, ste
             accelerator.backward(loss / settings.accumulation)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value / settings.accumulation
+    if world > 1:
+        names = sorted(totals)
+        means = accelerator.reduce(torch.tensor([totals[k] for k in names], dtype=torch.float64,
+                                                device=accelerator.device), reduction="mean")
+        totals = dict(zip(names, means.tolist()))
     return totals
 
 
