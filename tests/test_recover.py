@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -119,6 +120,52 @@ def test_interrupted_and_resumed_run_ends_bitwise_equal(tmp_path, mode):
     assert len(list((tmp_path / "ck").glob("layer-*.safetensors"))) == 1  # one file, replaced at each commit
 
 
+def test_bf16_autocast_on_cpu_trains_and_keeps_float32_weights_and_zeros():
+    """--recover-mixed-precision bf16 on the CPU: the forward runs under CPU autocast (the logits
+    come out bfloat16 while training), the weights stay float32 (AdamW on float32 master weights,
+    the LoRA delta merged in float32), the zeros keep their bits, the KL falls, and the merged
+    model computes in float32 again (no autocast left in its forward)."""
+    teacher, student = _pruned_pair()
+    with torch.no_grad():  # a confident model and its pruned copy: something to learn
+        teacher.lm_head.weight.mul_(10)
+        student.lm_head.weight.mul_(10)
+    before = _zero_bits(student)
+    seen = []
+    hook = student.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    windows = _windows(4).repeat(8, 1)
+    settings = Settings(mode="lora", lr=1e-2, rank=4, alpha=8, seqlen=32, batch=2, warmup=0.1, tokens=32 * 32,
+                        curve_every=4, mixed_precision="bf16")
+    merged, report = train(Work(student, teacher, windows, windows[:4].flatten(), eval_seqlen=64, progress=False),
+                           settings)
+    hook.remove()
+    assert report["mixed_precision"] == "bf16"
+    assert torch.bfloat16 in seen  # the training forward was autocast
+    losses = [p["train_loss"] for p in report["curve"][1:]]  # measured 0.568, 0.250, 0.152, 0.111
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.5 * losses[0]
+    gap = [abs(p["perplexity"] - report["teacher_perplexity"]) for p in report["curve"]]
+    assert gap[-1] < 0.5 * gap[0]  # the held-out perplexity moves to the teacher's (measured 200 -> 3)
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    after = _zero_bits(merged)
+    for name in before:
+        assert torch.equal(before[name][0], after[name][0]) and torch.equal(before[name][1], after[name][1]), name
+    ids = windows[:1]
+    with torch.no_grad():
+        assert merged(ids).logits.dtype == torch.float32
+        fresh = tiny_model("llama")
+        fresh.load_state_dict(merged.state_dict())
+        assert torch.equal(merged(ids).logits, fresh(ids).logits)
+
+
+def test_mixed_precision_auto_is_none_on_cpu_and_fp16_needs_cuda():
+    from llmprune.errors import UsageError
+    from llmprune.recover import mixed_precision
+
+    cpu = torch.device("cpu")
+    assert [mixed_precision(Settings(mixed_precision=m), cpu) for m in ("auto", "no", "bf16")] == ["no", "no", "bf16"]
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
+        mixed_precision(Settings(mixed_precision="fp16"), cpu)
+
+
 def test_learning_rate_warms_up_then_decays_to_zero():
     rates = [learning_rate_at(s, 10, 1.0, 0.2) for s in range(10)]
     assert rates[:2] == [0.5, 1.0] and rates[2] == 1.0
@@ -183,6 +230,27 @@ def test_prune_run_with_recover_tokens(tiny_folder, text_file, tmp_path, capsys)
     assert "zeros" in printed and "unchanged" in printed
 
 
+def test_recover_command_with_bf16_on_cpu(tiny_folder, text_file, tmp_path, capsys):
+    """`recover FOLDER --mixed-precision bf16 --device cpu`: recorded as bf16, the zeros of the
+    Wanda student where they were, the saved weights float32 like the student's."""
+    from safetensors.torch import load_file
+
+    pruned, recovered = tmp_path / "pruned", tmp_path / "recovered"
+    assert _prune(tiny_folder, text_file, pruned, "--method", "wanda", "--sparsity", "0.5") == 0
+    assert _recover(pruned, tiny_folder, text_file, recovered, "--mixed-precision", "bf16", "--device", "cpu",
+                    "--lr", "1e-2") == 0
+    stage = json.loads((recovered / "llmprune.json").read_text())["stages"][0]["report"]
+    assert stage["mixed_precision"] == "bf16" and stage["settings"]["mixed_precision"] == "bf16"
+    assert stage["zeros_unchanged"] and stage["zeros_before"] == stage["zeros_after"]
+    assert "bf16 autocast" in capsys.readouterr().out and "bf16 autocast" in (recovered / "README.md").read_text()
+    assert all(math.isfinite(p["perplexity"]) for p in stage["curve"])
+    assert stage["curve"][-1]["perplexity"] < 2 * stage["curve"][0]["perplexity"]
+    student, saved = (load_file(str(folder / "model.safetensors")) for folder in (pruned, recovered))
+    assert {v.dtype for v in saved.values()} == {v.dtype for v in student.values()} == {torch.float32}
+    changed = [k for k in student if ".layers." in k and not torch.equal(student[k], saved[k])]
+    assert changed and all(torch.equal(student[k] == 0, saved[k] == 0) for k in changed)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--rank", "0"], "--rank must be an integer >= 1"),
     (["--lr", "0"], "--lr must be a number > 0"),
@@ -190,6 +258,7 @@ def test_prune_run_with_recover_tokens(tiny_folder, text_file, tmp_path, capsys)
     (["--kl", "0"], "needs a loss"),
     (["--targets", "qkv_proj"], "no module named qkv_proj"),
     (["--batch", "100000", "--seqlen", "100000"], "estimated peak memory of the recovery"),
+    (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
 ])
 def test_bad_options_are_refused(tiny_folder, text_file, tmp_path, capsys, extra, message):
     assert _recover(tiny_folder, tiny_folder, text_file, tmp_path / "out", *extra) == 2
