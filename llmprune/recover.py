@@ -19,9 +19,10 @@ shape and no config changes. The loss is a weighted sum of
 - the plain language-model loss (cross entropy of the next token).
 
 The loop runs through accelerate (CPU, one GPU, data parallel under ``accelerate launch``, mixed
-precision on GPU). Data order is fixed by the seed: the training windows are a seeded permutation
-of non-overlapping windows of the training text, and step s reads the windows s*G .. (s+1)*G-1
-(G = batch x accumulation x processes). ``RecoverCheckpoint`` commits the trainable tensors, the
+precision: bf16 or fp16 autocast on a GPU, bf16 on the CPU when asked for). Data order is fixed
+by the seed: the training windows are a seeded permutation of non-overlapping windows of the
+training text, and step s reads the windows s*G .. (s+1)*G-1 (G = batch x accumulation x
+processes; ``window_rows`` says which process reads which). ``RecoverCheckpoint`` commits the trainable tensors, the
 optimiser state, the step, the RNG state and the curve every N steps, so an interrupted run resumes
 to bitwise the same final weights.
 """
@@ -371,12 +372,40 @@ class Work:
 
 
 def mixed_precision(settings: Settings, device: torch.device) -> str:
-    """accelerate's mixed_precision: "no" on CPU; "auto" is bf16 on a GPU that has it, else fp16."""
-    if device.type != "cuda":
-        return "no"
+    """accelerate's mixed_precision. "auto": bf16 on a GPU that has it, else fp16; none on the CPU
+    (where bf16 autocast is asked for explicitly: it runs, but is not faster than float32 on every
+    CPU). Either way the weights and AdamW's state stay in the model's dtype (float32 master
+    weights); autocast runs the forward's matrix products in the lower precision."""
+    check_mixed_precision(settings.mixed_precision, device)
     if settings.mixed_precision != "auto":
         return settings.mixed_precision
+    if device.type != "cuda":
+        return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def check_mixed_precision(choice: str, device: torch.device) -> None:
+    """Refuse a mixed precision the compute device cannot autocast to: fp16 anywhere but CUDA
+    (accelerate has no fp16 autocast on the CPU), bf16 on a GPU without it."""
+    if choice == "fp16" and device.type != "cuda":
+        raise UsageError("--recover-mixed-precision fp16 needs a CUDA device; on the CPU use bf16 (CPU autocast) or no")
+    if choice == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--recover-mixed-precision bf16: this GPU has no bfloat16; use fp16 or no")
+
+
+def _accelerator(device: torch.device, precision: str):
+    """An Accelerator on ``device`` with this mixed precision. accelerate keeps one state per
+    process and refuses an Accelerator whose mixed precision (or CPU flag) differs from the first
+    one's; an earlier recovery in this process (another precision, another device) is over, so its
+    state is dropped (the process group, kept apart in PartialState, stays)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = device.type != "cuda"
+    state = AcceleratorState._shared_state
+    if state and (state.get("_mixed_precision") != precision or (cpu and state["device"].type != "cpu")):
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=cpu, mixed_precision=precision)
 
 
 def prepare_student(student, settings: Settings):
@@ -394,14 +423,16 @@ def prepare_student(student, settings: Settings):
 
 def train(work: Work, settings: Settings) -> tuple[nn.Module, dict]:
     """Distil ``work.student`` from ``work.teacher``; returns (the merged student, its report)."""
-    from accelerate import Accelerator
-
     device = work.device or torch.device("cpu")
-    accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision=mixed_precision(settings, device))
+    accelerator = _accelerator(device, mixed_precision(settings, device))
     model, masks = prepare_student(work.student, settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The model itself, without DDP and without the autocast accelerate patches into its forward:
+    # training autocasts explicitly (_accumulate), while the curve and the merged model that is
+    # handed on compute in the model's own dtype, as the teacher's and the final perplexity do.
+    plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     teacher = work.teacher.to(accelerator.device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -411,12 +442,15 @@ def train(work: Work, settings: Settings) -> tuple[nn.Module, dict]:
     state = {"step": 0, "curve": [], "losses": [], "seconds": 0.0, "teacher_perplexity": None}
     saved = work.checkpoint.load() if work.checkpoint is not None else None
     if saved is not None:
-        restore_training_state(accelerator.unwrap_model(model), optimizer, saved["tensors"], saved["meta"])
+        restore_training_state(plain, optimizer, saved["tensors"], saved["meta"])
         state.update(saved["meta"]["state"])
     main = accelerator.is_main_process
+    # The curve is measured by the main process alone, on the model without its DDP wrapper: the
+    # wrapper's forward broadcasts buffers to the other processes, which are not in a forward then
+    # (a broadcast they never join hangs the run, or pairs with another collective of theirs).
     if main and work.evaluation is not None and saved is None:
         state["teacher_perplexity"] = _held_out(teacher, work)
-        state["curve"].append(_point(model, work, 0, 0, None))
+        state["curve"].append(_point(plain, work, 0, 0, None))
     every = settings.curve_every or max(1, steps // 10)
     from tqdm.auto import tqdm
 
@@ -437,19 +471,18 @@ def train(work: Work, settings: Settings) -> tuple[nn.Module, dict]:
         state["step"], state["seconds"] = step + 1, time.perf_counter() - started
         done = state["step"] == steps
         if main and work.evaluation is not None and (state["step"] % every == 0 or done):
-            state["curve"].append(_point(model, work, state["step"], state["step"] * tokens_per_step, state["losses"]))
+            state["curve"].append(_point(plain, work, state["step"], state["step"] * tokens_per_step, state["losses"]))
             state["losses"] = []
         bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{state['step'] * tokens_per_step / state['seconds']:.0f}")
         bar.update(1)
         if work.checkpoint is not None and main and (state["step"] % settings.checkpoint_every == 0 or done):
-            tensors, meta = training_state(accelerator.unwrap_model(model), optimizer)
+            tensors, meta = training_state(plain, optimizer)
             work.checkpoint.save(state["step"], tensors, {**meta, "state": state})
         if work.on_step is not None:
             work.on_step(state["step"])
     bar.close()
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
-    merged = merge_masked_lora(model) if settings.mode == "lora" else model
+    merged = merge_masked_lora(plain) if settings.mode == "lora" else plain
     for parameter in merged.parameters():
         parameter.requires_grad_(False)
     if settings.gradient_checkpointing:
@@ -462,16 +495,26 @@ def train(work: Work, settings: Settings) -> tuple[nn.Module, dict]:
     return merged, report
 
 
+def window_rows(step: int, micro: int, rank: int, world: int, settings: Settings) -> slice:
+    """The rows of the windows one process reads in one micro-batch. Step s reads the G = batch x
+    accumulation x world windows s*G .. (s+1)*G-1; micro-batch m of that step is the run of
+    batch x world windows from (s*accumulation + m) * batch * world, of which rank r takes the r-th
+    ``batch``. So the processes read disjoint windows, and together, in every micro-batch, exactly
+    the windows one process with ``batch x world`` windows per micro-batch would read."""
+    first = ((step * settings.accumulation + micro) * world + rank) * settings.batch
+    return slice(first, first + settings.batch)
+
+
 def _accumulate(model, teacher, work: Work, settings: Settings, accelerator, step: int, rank: int, world: int) -> dict:
     """Forward and backward of one optimiser step's micro-batches (this process's share); the
-    mean of their loss parts."""
+    mean of their loss parts over every process's windows (the processes' means averaged: their
+    shares are equal)."""
     from contextlib import nullcontext
 
     totals: dict = {}
     hidden = settings.hidden > 0
     for micro in range(settings.accumulation):
-        first = (step * settings.accumulation * world + micro * world + rank) * settings.batch
-        ids = work.windows[first:first + settings.batch]
+        ids = work.windows[window_rows(step, micro, rank, world, settings)]
         if work.bos is not None:  # as the perplexity protocol: BOS before every window
             ids = torch.cat([torch.full((ids.shape[0], 1), work.bos, dtype=ids.dtype), ids], dim=1)
         ids = ids.to(accelerator.device)
@@ -485,6 +528,11 @@ def _accumulate(model, teacher, work: Work, settings: Settings, accelerator, ste
             accelerator.backward(loss / settings.accumulation)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value / settings.accumulation
+    if world > 1:
+        names = sorted(totals)
+        means = accelerator.reduce(torch.tensor([totals[k] for k in names], dtype=torch.float64,
+                                                device=accelerator.device), reduction="mean")
+        totals = dict(zip(names, means.tolist()))
     return totals
 
 

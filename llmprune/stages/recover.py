@@ -60,8 +60,8 @@ class Recover(Stage):
                minimum=2),
         Option("recover_gradient_checkpointing", bool, False, "recovery: recompute activations in the backward pass"),
         Option("recover_checkpoint_every", int, 50, "recovery: with --checkpoint-dir, commit every N steps", minimum=1),
-        Option("recover_mixed_precision", str, "auto", "recovery: auto (bf16 on GPU, none on CPU) | no | bf16 | fp16",
-               choices=("auto", "no", "bf16", "fp16")),
+        Option("recover_mixed_precision", str, "auto", "recovery: autocast: auto (bf16 on a GPU, else fp16; none on "
+               "the CPU) | no | bf16 (GPU or CPU) | fp16 (GPU)", choices=("auto", "no", "bf16", "fp16")),
     )
 
     student_source: str | None = None  # the student's folder (the subcommand): its tokenizer and llmprune.json
@@ -135,9 +135,11 @@ class Recover(Stage):
 
     def estimate_memory(self, spec, prepared: dict, estimate):
         """Teacher + student + trainable state + activations, before anything is loaded; refused
-        (unless --force) when it does not fit. Returns the larger of this and ``estimate``."""
-        from ..recover import estimate_recovery, refuse_recovery
+        (unless --force) when it does not fit. Returns the larger of this and ``estimate``. The
+        first hook that knows the compute device: a mixed precision it lacks is refused here too."""
+        from ..recover import check_mixed_precision, estimate_recovery, refuse_recovery
 
+        check_mixed_precision(self.settings.mixed_precision, prepared["compute"])
         ours = estimate_recovery(spec.model, self.settings.teacher or spec.model, self.settings, prepared)
         if ours is None:
             return estimate
@@ -199,7 +201,9 @@ class Recover(Stage):
     def summary_rows(self, result: StageResult) -> list[tuple[str, str]]:
         r, s = result.report, self.settings
         curve = r["curve"]
-        rows = [("recovery", f"{s.mode} from {r['teacher']}, {r['tokens']:,} tokens, {r['steps']} steps, "
+        how = "".join([f", {r['processes']} processes" if r["processes"] > 1 else "",
+                       f", {r['mixed_precision']} autocast" if r["mixed_precision"] != "no" else ""])
+        rows = [("recovery", f"{s.mode} from {r['teacher']}, {r['tokens']:,} tokens, {r['steps']} steps{how}, "
                              f"{r['seconds']:.0f} s ({r['tokens_per_s']:.0f} tokens/s)")]
         if curve:
             rows.append(("held-out", f"perplexity {curve[0]['perplexity']:.2f} -> {curve[-1]['perplexity']:.2f} "
@@ -259,7 +263,8 @@ def recovery_card_section(report: dict) -> str:
              f"{s['batch']} x {s['accumulation']} x {r['processes']} windows of {s['seqlen']} tokens), loss: {weights} "
              f"(temperature {s['temperature']:g}); "
              + (f"LoRA rank {s['rank']}, alpha {s['alpha']:g}, merged" if s["mode"] == "lora" else "full fine-tuning")
-             + f"; learning rate {s['lr']:g}, warm-up {s['warmup']:g}, cosine decay; seed {s['seed']}.", "",
+             + f"; learning rate {s['lr']:g}, warm-up {s['warmup']:g}, cosine decay; seed {s['seed']}"
+             + (f"; {r['mixed_precision']} autocast" if r.get("mixed_precision", "no") != "no" else "") + ".", "",
              f"Exact zeros {'kept' if r['zeros_unchanged'] else 'NOT kept'}: {r['zeros_after']['zeros']:,} of "
              f"{r['zeros_after']['weights']:,} decoder linear weights are zero, at the same positions as before "
              "(the LoRA delta is masked, W + M * BA; full fine-tuning masks the updates). Shapes and config "
