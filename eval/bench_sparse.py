@@ -5,8 +5,9 @@ Rows: the dense model, Wanda at 50 / 70 / 90% unstructured, 2:4, and block:32 at
 
 - bytes on disk of the dense folder and of the sparse folder (float32, and bfloat16), as a ratio;
 - load time (``llmprune.models.loading.load_model``, at torch's default thread count) of the sparse
-  folder / the dense folder: medians of interleaved pairs, because the machine is shared; and the same with one 64-token
-  forward pass after loading (a dense folder is memory-mapped: its weights are read at first use);
+  folder / the dense folder: medians of 9 interleaved rounds; the same with one 64-token forward
+  pass after loading (a dense folder is memory-mapped: its weights are read at first use); and that
+  again from a cold page cache (both folders' files evicted before each load);
 - perplexity on the first --eval-tokens tokens of persuasion (1024-token windows);
 - sparse CPU execution (``llmprune.sparse_execute``): the kernel chosen per decoder linear layer at
   a 64-token batch, the summed linear-layer speedup, and a 64-token prefill with and without the
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import copy as copy_module
+import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -50,14 +53,20 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def interleaved(calls: dict, rounds: int) -> dict:
-    """Median seconds of each call, one of each per round."""
+def interleaved(calls: dict, rounds: int, before: dict | None = None) -> dict:
+    """Median seconds of each call, one of each per round. What a call returns (a loaded model) is
+    freed, and garbage collected, after its clock stops, so no call pays for the one before it;
+    before[name] (if any) runs before the clock starts."""
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
+            (before or {}).get(name, lambda: None)()
+            gc.collect()
             started = time.perf_counter()
-            call()
+            returned = call()
             times[name].append(time.perf_counter() - started)
+            del returned
+    gc.collect()
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -84,12 +93,26 @@ def decode_ratio(execution, prompt_tokens: int = 64, new_tokens: int = 16, round
     return dense / max(sparse, 1e-9)
 
 
-def first_forward(model) -> None:
-    """One 64-token forward pass: a dense folder's weights are memory-mapped and read only now."""
+def evict(folder: Path) -> None:
+    """Drop the folder's files from the page cache (posix_fadvise DONTNEED; no root needed), so the
+    next load reads them from disk, as the first load after a download or a reboot does."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            handle = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(handle)
+
+
+def first_forward(model):
+    """One 64-token forward pass: a dense folder's weights are memory-mapped and read only now.
+    Returns the model, to be freed after the clock stops."""
     import torch
 
     with torch.no_grad():
         model(torch.arange(64).unsqueeze(0), use_cache=False)
+    return model
 
 
 def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work: Path, load_threads: int) -> dict:
@@ -121,12 +144,17 @@ def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work
                 loads = interleaved({"dense": lambda dense=dense: load_model(str(dense)),
                                      "sparse": lambda sparse=sparse: load_model(str(sparse)),
                                      "dense_used": lambda dense=dense: first_forward(load_model(str(dense))[0]),
-                                     "sparse_used": lambda sparse=sparse: first_forward(load_model(str(sparse))[0])},
-                                    rounds=5)
+                                     "sparse_used": lambda sparse=sparse: first_forward(load_model(str(sparse))[0]),
+                                     "dense_cold": lambda dense=dense: first_forward(load_model(str(dense))[0]),
+                                     "sparse_cold": lambda sparse=sparse: first_forward(load_model(str(sparse))[0])},
+                                    rounds=9, before={"dense_cold": lambda dense=dense: evict(dense),
+                                                      "sparse_cold": lambda sparse=sparse: evict(sparse)})
                 torch.set_num_threads(threads)
                 result.update(load_dense_s=loads["dense"], load_sparse_s=loads["sparse"],
                               load_ratio=loads["sparse"] / loads["dense"],
-                              load_and_forward_ratio=loads["sparse_used"] / loads["dense_used"])
+                              load_and_forward_ratio=loads["sparse_used"] / loads["dense_used"],
+                              cold_dense_s=loads["dense_cold"], cold_sparse_s=loads["sparse_cold"],
+                              cold_load_and_forward_ratio=loads["sparse_cold"] / loads["dense_cold"])
     ppl = perplexity(model, evaluation, 1024, None, "cpu", progress=False)
     result["perplexity"] = ppl.perplexity
     execution = execute_sparse(model, tokens=64)
@@ -144,21 +172,25 @@ def write_tables(results: list, header: dict) -> None:
     lines = ["# Sparse checkpoints and sparse CPU execution: SmolLM2-135M", "",
              f"{header['setup']}", "", f"Command: `{header['command']}`", "",
              "| row | sparsity | ppl | fp32 sparse/dense bytes | bf16 sparse/dense bytes | load sparse/dense | "
-             "load + 1st forward | "
+             "load + 1st forward | same, cold page cache | "
              "layers switched | linear layers speedup | prefill 64 with head | without head | decode |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         fmt = lambda key, spec=".2f", r=r: format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
         prefill = r.get("prefill") or {}
         lines.append(f"| {r['row']} | {fmt('realised_sparsity', '.3f')} | {r['perplexity']:.2f} | "
                      f"{fmt('float32_bytes_ratio', '.3f')} | {fmt('bfloat16_bytes_ratio', '.3f')} | "
-                     f"{fmt('load_ratio')} | {fmt('load_and_forward_ratio')} | "
+                     f"{fmt('load_ratio')} | {fmt('load_and_forward_ratio')} | {fmt('cold_load_and_forward_ratio')} | "
                      f"{r['switched']}/{r['layers']} | {r['decoder_linear_speedup']:.2f}x | "
                      f"{format(prefill['speedup_with_head'], '.2f') + 'x' if prefill else '-'} | "
                      f"{format(prefill['speedup_without_head'], '.2f') + 'x' if prefill else '-'} | "
                      f"{fmt('decode_ratio') + 'x' if r.get('decode_ratio') else '-'} |")
     lines += ["", "Ratios are sparse / dense (bytes, load time) or dense time / sparse time (speed), medians of "
-              "interleaved rounds on a shared machine. Kernels are chosen per layer at a 64-token batch.", ""]
+              "interleaved rounds. Load: warm page cache (the files were just written) unless marked cold "
+              "(evicted with posix_fadvise before each load, as after a download or a reboot); a dense "
+              "folder is memory-mapped, so its weights are read at the first forward pass, which is why "
+              "load + 1st forward is the like-for-like comparison. Kernels are chosen per layer at a "
+              "64-token batch.", ""]
     (RESULTS / "bench_sparse.md").write_text("\n".join(lines), encoding="utf-8")
     (RESULTS / "bench_sparse.json").write_text(json.dumps({**header, "rows": results}, indent=2) + "\n",
                                                encoding="utf-8")

@@ -32,7 +32,8 @@ RESULTS = ROOT / "eval" / "results"
 ROWS = ["dense", "magnitude:unstructured", "wanda:unstructured", "sparsegpt:unstructured",
         "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "magnitude:4:8", "wanda:4:8", "sparsegpt:4:8",
         "admm:unstructured", "admm:2:4", "sparsegpt:unstructured@sparsity=0.7", "admm:unstructured@sparsity=0.7",
-        "wanda:unstructured@update=admm", "wanda:2:4@update=admm"]
+        "wanda:unstructured@update=admm", "wanda:2:4@update=admm", "wanda:unstructured@sequential=true",
+        "sparsegpt:unstructured@sequential=true", "sparsegpt:2:4@sequential=true"]
 
 
 def measure_row(row: str, nsamples: int, seqlen: int, eval_tokens: int, eval_seqlen: int) -> dict:
