@@ -49,10 +49,6 @@ def parse_row(row: str) -> dict:
     return {"method": parts[0], "pattern": "unstructured", "sparsity": float(parts[1])}
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def interleaved(calls: dict, rounds: int, before: dict | None = None) -> dict:
     """Median seconds of each call, one of each per round. What a call returns (a loaded model) is
     freed, and garbage collected, after its clock stops, so no call pays for the one before it;
@@ -123,6 +119,7 @@ def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work
     from llmprune.models.loading import load_model
     from llmprune.save import save_folder
     from llmprune.sparse_execute import compare_prefill, execute_sparse
+    from llmprune.sparse_format import folder_bytes
 
     settings = parse_row(row)
     model, _ = load_model(str(folder), dtype="float32")
@@ -141,12 +138,12 @@ def measure_row(row: str, folder: Path, calibration, evaluation, tokenizer, work
             if dtype == "float32":
                 threads = torch.get_num_threads()
                 torch.set_num_threads(load_threads)
+                used = {"dense": lambda dense=dense: first_forward(load_model(str(dense))[0]),
+                        "sparse": lambda sparse=sparse: first_forward(load_model(str(sparse))[0])}
                 loads = interleaved({"dense": lambda dense=dense: load_model(str(dense)),
                                      "sparse": lambda sparse=sparse: load_model(str(sparse)),
-                                     "dense_used": lambda dense=dense: first_forward(load_model(str(dense))[0]),
-                                     "sparse_used": lambda sparse=sparse: first_forward(load_model(str(sparse))[0]),
-                                     "dense_cold": lambda dense=dense: first_forward(load_model(str(dense))[0]),
-                                     "sparse_cold": lambda sparse=sparse: first_forward(load_model(str(sparse))[0])},
+                                     "dense_used": used["dense"], "sparse_used": used["sparse"],
+                                     "dense_cold": used["dense"], "sparse_cold": used["sparse"]},
                                     rounds=9, before={"dense_cold": lambda dense=dense: evict(dense),
                                                       "sparse_cold": lambda sparse=sparse: evict(sparse)})
                 torch.set_num_threads(threads)
