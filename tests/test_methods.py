@@ -6,6 +6,7 @@ over rows / groups / columns, following the papers rather than the library's vec
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -425,7 +426,8 @@ def test_sparsegpt_dead_inputs_give_no_nan_and_zero_weights():
     assert (torch.diag(stats.hessian())[[0, 7, 31]] == 0).all()
     weight = torch.randn(8, 32)
     for pattern in (None, P24):
-        out = SparseGPT(blocksize=16).prune_group([weight], stats, 0.5, pattern, name="layers.1.o_proj")[0]
+        out = SparseGPT(blocksize=16).prune_group([weight], copy.deepcopy(stats), 0.5, pattern,  # it spends them
+                                                  name="layers.1.o_proj")[0]
         assert torch.isfinite(out).all()
         assert (out[:, [0, 7, 31]] == 0).all()
         assert (out != 0).any()
@@ -511,6 +513,40 @@ def test_sparsegpt_nm_refuses_indivisible_width():
         sparsegpt_prune([torch.randn(4, 10)], calibration_hessian(x), 0.5, P24)
 
 
+
+@pytest.mark.parametrize("features", [600, 256, 100])  # strips 256, 256, 88; exactly one; narrower than one
+def test_input_hessian_in_strips_is_the_full_symmetric_product(features):
+    """Only the strips on and below the diagonal are summed; hessian() mirrors them. The result is
+    exactly symmetric and equals the float64 sum of the full float32 products."""
+    torch.manual_seed(38)
+    batches = [torch.randn(64, features), torch.randn(3, 40, features) * 2, torch.randn(17, features) - 1]
+    stats = InputHessian(features, CPU)
+    expected = torch.zeros(features, features, dtype=torch.float64)
+    for batch in batches:
+        stats.add_batch(batch)
+        flat = batch.reshape(-1, features)
+        expected += (flat.t() @ flat).double()
+    expected *= 2.0 / stats.tokens
+    h = stats.hessian()
+    assert torch.equal(h, h.t())
+    torch.testing.assert_close(h, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    assert torch.equal(stats.hessian(), h)  # not spent by a plain call
+    spent = stats.hessian(consume=True)
+    assert torch.equal(spent, h) and stats.sum_xtx is None
+    with pytest.raises(RuntimeError, match="consumed"):
+        stats.hessian()
+
+
+def test_sparsegpt_prune_leaves_the_callers_hessian_alone_unless_told():
+    x = correlated_inputs(256, 32, seed=39)
+    hessian = calibration_hessian(x)
+    before = hessian.clone()
+    first = sparsegpt_prune([torch.randn(8, 32)], hessian, 0.5, None)[0]
+    assert torch.equal(hessian, before)
+    again = sparsegpt_prune([first], hessian, 0.5, None, overwrite_hessian=True)[0]
+    assert not torch.equal(hessian, before)  # dampened in place
+    assert torch.isfinite(again).all()
+
 def test_sparsegpt_result_does_not_depend_on_batch_split():
     """What calibration across processes relies on: the Hessian summed as one sequence of batches
     or as two shares added at the end (two processes) gives the same pruned weights, bit for bit,
@@ -535,7 +571,7 @@ def test_sparsegpt_result_does_not_depend_on_batch_split():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results = [SparseGPT(blocksize=64).prune_group([weight], stats, 0.5, None)[0]
+            results = [SparseGPT(blocksize=64).prune_group([weight], copy.deepcopy(stats), 0.5, None)[0]
                        for stats in (one, first, one)]
             assert all(torch.equal(results[0], r) for r in results[1:]), threads
     finally:

@@ -338,8 +338,10 @@ def test_non_finite_input_of_a_layer_is_named():
 def shifted_hessian(shift_fraction: float):
     """H - (smallest eigenvalue + shift_fraction * mean diag H) I: smallest eigenvalue becomes
     -shift_fraction * mean diag H, so dampening of more than shift_fraction is needed."""
-    def hessian(self):
-        h = (self.sum_xtx * (2.0 / max(self.tokens, 1))).double()
+    full_hessian = InputHessian.hessian
+
+    def hessian(self, consume=False):
+        h = full_hessian(self)
         shift = torch.linalg.eigvalsh(h)[0] + shift_fraction * torch.diag(h).mean()
         return (h - shift * torch.eye(h.shape[0], dtype=h.dtype)).float()
     return hessian
@@ -347,7 +349,8 @@ def shifted_hessian(shift_fraction: float):
 
 def test_indefinite_hessian_is_retried_with_more_dampening_then_refused(model_folder, calib_file, tmp_path,
                                                                         monkeypatch, capsys, caplog):
-    monkeypatch.setattr(InputHessian, "hessian", lambda self: -torch.eye(self.sum_xtx.shape[0]) - self.sum_xtx)
+    monkeypatch.setattr(InputHessian, "hessian",
+                        lambda self, consume=False: -torch.eye(self.sum_xtx.shape[0]) - self.sum_xtx)
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="llmprune.methods.sparsegpt"):
         assert run_in_process(cli(model_folder, calib_file, out, "--method", "sparsegpt")) == 1

@@ -275,11 +275,12 @@ class RefitOnMask:
     def prune_group(self, weights: list[torch.Tensor], statistics, sparsity: float, pattern: NMPattern | None,
                     name: str = "") -> list[torch.Tensor]:
         own, hessian = statistics.parts[0], statistics.parts[-1]
+        refit_hessian = hessian.hessian()  # before the method, which may consume ``own`` (the same for SparseGPT)
         pruned = self.method.prune_group(weights, own, sparsity, pattern, name=name)
         if self.update == "obs":
-            return sparsegpt_prune(weights, hessian.hessian(), sparsity, pattern, percdamp=self.percdamp, name=name,
-                                   removed=[p == 0 for p in pruned])
-        return refit_on_support(weights, pruned, hessian.hessian(), self.refit_iterations, self.percdamp, name)
+            return sparsegpt_prune(weights, refit_hessian, sparsity, pattern, percdamp=self.percdamp, name=name,
+                                   removed=[p == 0 for p in pruned], overwrite_hessian=True)
+        return refit_on_support(weights, pruned, refit_hessian, self.refit_iterations, self.percdamp, name)
 
 
 def with_update(method, update: str, refit_iterations: int = 20, percdamp: float = 0.01):

@@ -33,21 +33,45 @@ class InputHessian:
     solve rounds its float64 inverse factor to float32: the solve gets the same numbers whether
     calibration ran in one process or several. A float32 running sum differs in its last bits,
     which flips masks at the top-k boundary on real models and the difference then grows layer by layer.
+
+    XᵀX is symmetric, so only the blocks on and below the diagonal are summed, one column strip of
+    ``strip`` inputs at a time ([in - lo, strip] products): about half the multiply-adds of the
+    full product. Each entry is a dot product over the same tokens as in the full product, so the
+    Hessian that ``hessian`` rebuilds is the full one (bit for bit with the BLAS measured, see
+    docs/methods.md).
     """
+
+    strip = 256  # inputs per column strip: narrower strips save little more and run slower
 
     def __init__(self, in_features: int, device):
         import torch
 
-        self.sum_xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)  # [in, in]
+        # [in, in]: the blocks right of each strip's diagonal block stay zero until ``hessian``
+        self.sum_xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).float()  # [tokens, in]
-        self.sum_xtx.add_(x.t() @ x)  # float32 product [in, in], accumulated in float64
+        for lo in range(0, x.shape[1], self.strip):
+            hi = lo + self.strip
+            # float32 product [in - lo, hi - lo], accumulated in float64
+            self.sum_xtx[lo:, lo:hi].add_(x[:, lo:].t() @ x[:, lo:hi])
         self.tokens += x.shape[0]
 
-    def hessian(self) -> torch.Tensor:
-        return self.sum_xtx * (2.0 / max(self.tokens, 1))  # float64 [in, in]
+    def hessian(self, consume: bool = False) -> torch.Tensor:
+        """The full symmetric H, float64 [in, in]: a new tensor, or with ``consume`` the running
+        sum itself turned into H (one float64 [in, in] less while the solve runs; the statistics
+        are spent then)."""
+        if self.sum_xtx is None:
+            raise RuntimeError("this InputHessian was consumed by an earlier hessian(consume=True)")
+        scale = 2.0 / max(self.tokens, 1)
+        full = self.sum_xtx.mul_(scale) if consume else self.sum_xtx * scale
+        if consume:
+            self.sum_xtx = None
+        for lo in range(0, full.shape[0], self.strip):
+            hi = lo + self.strip
+            full[lo:hi, hi:] = full[hi:, lo:hi].t()  # mirror the strip below the diagonal block
+        return full
 
 
 def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str = "",
@@ -59,8 +83,9 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str 
     its sums by thread count, and real layers' Hessians are ill-conditioned enough (~1e7-1e8) that
     the 1e-12 relative differences can change float32 entries of the factor: the result is the
     same for the same Hessian and the same thread count (every process of a run, every rerun),
-    not across thread counts. Each float64 [in, in] temporary is freed as soon as it is used, and
-    freed heap goes back to the system afterwards.
+    not across thread counts. Besides ``hessian`` it needs one float64 [in, in] buffer (the
+    factorisations overwrite it in turn; the same bits as separate outputs), and freed heap goes
+    back to the system afterwards.
     A failed factorisation is retried with ten times more dampening each time, then refused.
     """
     import torch
@@ -74,14 +99,15 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str 
         for attempt in range(max_retries + 1):
             diagonal.add_(damp * diagonal_mean - added)
             added = damp * diagonal_mean
+            # One float64 buffer beside ``hessian`` (kept intact for a retry): lower factor L of H,
+            # then H⁻¹ = (L Lᵀ)⁻¹, then the upper factor of H⁻¹, each written over the last.
             factor, info = torch.linalg.cholesky_ex(hessian)
             if info == 0:
-                inverse = torch.cholesky_inverse(factor)
-                del factor
-                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-                del inverse
-                if info == 0 and torch.isfinite(upper).all():
-                    return upper.float()
+                torch.cholesky_inverse(factor, out=factor)
+                torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
+                if info == 0 and torch.isfinite(factor).all():
+                    return factor.float()
+            del factor
             if attempt < max_retries:
                 log.warning("%s: Hessian not positive definite with dampening %.3g; retrying with %.3g",
                             name, damp, damp * 10)
@@ -93,7 +119,8 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor, percdamp: float, name: str 
 
 def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity: float,
                     pattern: NMPattern | None, blocksize: int = 128, percdamp: float = 0.01,
-                    name: str = "", removed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                    name: str = "", removed: list[torch.Tensor] | None = None,
+                    overwrite_hessian: bool = False) -> list[torch.Tensor]:
     """Prune float32 matrices [out_i, in] that share the input Hessian [in, in] (float64 or
     float32); return new float32 ones.
 
@@ -103,13 +130,14 @@ def sparsegpt_prune(weights: list[torch.Tensor], hessian: torch.Tensor, sparsity
     block the floor(blocks_i * sparsity) B x B blocks of each matrix with the lowest summed
     saliency. After each column the error is spread over the columns not yet visited (the OBS
     update), then over later blocks in one matmul. ``removed``: bool masks [out_i, in] chosen
-    elsewhere (True where a weight goes), used instead of choosing.
+    elsewhere (True where a weight goes), used instead of choosing. ``overwrite_hessian``: a
+    float64 ``hessian`` the caller will not use again is dampened in place instead of copied.
     """
     import torch
 
     if not torch.isfinite(hessian).all():
         raise NumericalError(f"{name}: non-finite values (NaN or inf) in the Hessian")
-    hessian = hessian.to(torch.float64, copy=True)
+    hessian = hessian.to(torch.float64, copy=not overwrite_hessian)
     W = torch.cat(weights, 0).float()  # [rows, in]: the stacked matrices
     rows, columns = W.shape
     blocks = pattern.size if isinstance(pattern, BlockPattern) else None
@@ -206,5 +234,5 @@ class SparseGPT:
 
     def prune_group(self, weights: list[torch.Tensor], statistics: InputHessian, sparsity: float,
                     pattern: NMPattern | None, name: str = "") -> list[torch.Tensor]:
-        return sparsegpt_prune(weights, statistics.hessian(), sparsity, pattern,
-                               self.blocksize, self.percdamp, name)
+        return sparsegpt_prune(weights, statistics.hessian(consume=True), sparsity, pattern,
+                               self.blocksize, self.percdamp, name, overwrite_hessian=True)
