@@ -23,13 +23,16 @@ at the defaults (30 ADMM iterations, 20 refit steps) is extrapolated linearly: s
 early once its support settles, so this is an upper bound.
 
 Usage: python eval/bench_layer_cost.py [--scale 1] [--measure-tokens 4096] [--repeats 2] [--admm-points 3,3]
-Writes eval/results/bench_layer_cost[-scaleS].{json,md}.
+                                      [--methods wanda,sparsegpt,admm] [--update]
+Writes eval/results/bench_layer_cost[-scaleS].{json,md}; with --update, replaces only the rows of the
+methods and repeats measured. Each row records the commit it was measured at.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -126,14 +129,15 @@ def markdown(rows: list[dict], settings: dict) -> str:
              f"(see eval/bench_layer_cost.py). Repeats interleaved; ratios are to SparseGPT of the same repeat.",
              "",
              "| method | repeat | solve (s) | statistics + propagation, measured (s) | per layer, extrapolated (s) | "
-             "x SparseGPT | whole model (h) | peak RSS growth / layer fp32 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "x SparseGPT | whole model (h) | peak RSS growth / layer fp32 | commit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         reference = next(x for x in rows if x["method"] == "sparsegpt" and x["repeat"] == r["repeat"])
         lines.append(f"| {r['method']} | {r['repeat']} | {r['solve_s']:.1f} | "
                      f"{r['prune_s'] - r['solve_s'] + r['forward_s']:.1f} | {r['per_layer_s']:.0f} | "
                      f"{r['per_layer_s'] / reference['per_layer_s']:.2f}x | {r['model_s'] / 3600:.2f} | "
-                     f"{r['peak_rss_growth_bytes'] / r['layer_float32_bytes']:.2f}x |")
+                     f"{r['peak_rss_growth_bytes'] / r['layer_float32_bytes']:.2f}x | "
+                     f"{r.get('commit', 'not recorded')} |")
     for r in rows:
         if "admm_points" in r:
             p = r["admm_points"]
@@ -160,12 +164,16 @@ def main() -> None:
     parser.add_argument("--admm-iterations", type=int, default=None)
     parser.add_argument("--admm-points", default=None, metavar="A,R",
                         help="extrapolate ADMM's solve from runs of (A, 0), (2A, 0), (A, R) iterations")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the measured methods' rows of the same repeats in the existing results file")
     args = parser.parse_args()
     hidden, ffn = int(4096 * args.scale) // 64 * 64, int(11008 * args.scale) // 64 * 64
     heads = max(1, hidden // 128)
     settings = {"hidden": hidden, "ffn": ffn, "heads": heads, "nsamples": args.nsamples, "seqlen": args.seqlen,
                 "layers": args.layers, "threads": torch.get_num_threads(), "scale": args.scale}
     options = {"admm": {} if args.admm_iterations is None else {"admm_iterations": args.admm_iterations}}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
     rows = []
     for repeat in range(args.repeats):
         for method in args.methods.split(","):
@@ -174,10 +182,18 @@ def main() -> None:
                 row = admm_from_points(hidden, ffn, heads, args.measure_tokens, args.seqlen, points)
             else:
                 row = measure(method, hidden, ffn, heads, args.measure_tokens, args.seqlen, options.get(method, {}))
-            row = extrapolate({**row, "repeat": repeat, "hidden": hidden}, args.nsamples * args.seqlen, args.layers)
+            row = extrapolate({**row, "repeat": repeat, "hidden": hidden, "commit": commit},
+                              args.nsamples * args.seqlen, args.layers)
             rows.append(row)
             print(json.dumps(row), flush=True)
     name = "bench_layer_cost" + ("" if args.scale == 1 else f"-scale{args.scale:g}")
+    if args.update:
+        previous = json.loads((RESULTS / f"{name}.json").read_text())
+        if {k: v for k, v in previous["settings"].items() if k != "threads"} != \
+                {k: v for k, v in settings.items() if k != "threads"}:
+            raise SystemExit(f"--update: {name}.json was measured with {previous['settings']}")
+        measured = {(r["method"], r["repeat"]): r for r in rows}
+        rows = [measured.pop((r["method"], r["repeat"]), r) for r in previous["rows"]] + list(measured.values())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(rows, settings))
