@@ -111,6 +111,12 @@ def test_update_keeps_each_methods_masks_and_changes_the_weights():
         _pruned("wanda", update="lasso")
 
 
+def test_sparsegpt_with_its_own_update_is_sparsegpt():
+    """SparseGPT's statistics serve its refit too (one Hessian, read before the method spends it);
+    the OBS update on SparseGPT's own masks repeats SparseGPT's own updates exactly."""
+    plain, updated = _pruned("sparsegpt"), _pruned("sparsegpt", update="obs")
+    assert all(torch.equal(plain[k], updated[k]) for k in plain)
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "admm"])
 def test_sequential_differs_from_parallel_and_is_deterministic(method):
     parallel, first, second = _pruned(method), _pruned(method, sequential=True), _pruned(method, sequential=True)
